@@ -1,0 +1,262 @@
+//! `cloudtapd`: runs the edge (and, in `all`, the built-in demo target) on the
+//! embedded default or a configuration file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use cloudtap_edge::config::{
+    EdgeConfig, FsyncSetting, PolicyRule, TargetConfig, parse_target_flag,
+};
+use cloudtap_edge::pki::{DEV_ADMIN, DevPki};
+use cloudtap_edge::token::SigningKey;
+use cloudtap_edge::{EdgeParams, Endpoints, Listeners, demo};
+use cloudtap_recorder::FsyncPolicy;
+
+use crate::paths;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cloudtapd",
+    version,
+    about = "cloudtap server: the edge and its services"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub role: Role,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Role {
+    /// Everything in one process: the embedded default (local log, dev certificates,
+    /// built-in demo-service target) unless a config says otherwise.
+    All(ServerArgs),
+    /// The edge alone: tunnel listener and control plane.
+    Edge(ServerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Data dir (log, certificates, endpoints.json).
+    #[arg(long, env = "CLOUDTAP_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// TOML configuration file (see the README's configuration reference).
+    #[arg(long, env = "CLOUDTAP_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// gRPC control plane address (port 0 picks a free port).
+    #[arg(long, env = "CLOUDTAP_GRPC_ADDR", default_value = "127.0.0.1:9090")]
+    pub grpc_addr: SocketAddr,
+    /// HTTP API address.
+    #[arg(long, env = "CLOUDTAP_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+    /// Tunnel listener address (TLS 1.3, client certificates required).
+    #[arg(long, env = "CLOUDTAP_TUNNEL_ADDR", default_value = "127.0.0.1:7443")]
+    pub tunnel_addr: SocketAddr,
+    /// Extra target, NAME=HOST:PORT (repeatable).
+    #[arg(long = "target", value_name = "NAME=HOST:PORT")]
+    pub targets: Vec<String>,
+    /// Traffic log URL (default file://<data dir>/log).
+    #[arg(long, env = "CLOUDTAP_LOG")]
+    pub log: Option<String>,
+    /// fsync policy of the local log: group (default) or never (tmpfs/benchmarks).
+    #[arg(long, value_parser = ["group", "never"])]
+    pub log_fsync: Option<String>,
+}
+
+pub async fn main(cli: Cli) -> anyhow::Result<()> {
+    let (args, embedded) = match cli.role {
+        Role::All(a) => (a, true),
+        Role::Edge(a) => (a, false),
+    };
+    let data_dir = paths::data_dir(args.data_dir.clone());
+    check_data_dir(&data_dir)?;
+    std::fs::create_dir_all(&data_dir).with_context(|| {
+        format!(
+            "cannot create the data dir {}; pass --data-dir",
+            data_dir.display()
+        )
+    })?;
+    let mut cfg = match &args.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read config {}", p.display()))?;
+            EdgeConfig::from_toml(&text).with_context(|| format!("in {}", p.display()))?
+        }
+        None => EdgeConfig::default(),
+    };
+    for t in &args.targets {
+        cfg.targets.push(parse_target_flag(t)?);
+    }
+    if let Some(f) = &args.log_fsync {
+        cfg.log_fsync = if f == "never" {
+            FsyncSetting::Never
+        } else {
+            FsyncSetting::Group
+        };
+    }
+
+    let shutdown = CancellationToken::new();
+    let mut demo_addr = None;
+    if embedded {
+        // The built-in target, on a loopback port of its own.
+        let l = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = l.local_addr()?;
+        demo_addr = Some(addr);
+        tokio::spawn(demo::serve(l, shutdown.clone()));
+        if cfg.target(demo::DEMO_TARGET).is_none() {
+            cfg.targets.push(TargetConfig {
+                name: demo::DEMO_TARGET.into(),
+                upstream: addr.to_string(),
+                tls: None,
+                on_log_backpressure: Default::default(),
+            });
+        }
+        if args.config.is_none() {
+            // Embedded default: the development admin may reach every target.
+            cfg.policy.admins.push(DEV_ADMIN.into());
+            cfg.policy.rules.push(PolicyRule {
+                identities: vec![DEV_ADMIN.into()],
+                targets: vec!["*".into()],
+            });
+        }
+    }
+    cfg.validate()?;
+
+    let (cert, key, client_ca) = match &cfg.tls {
+        Some(t) => (t.cert.clone(), t.key.clone(), t.client_ca.clone()),
+        None => {
+            let pki = DevPki::new(&data_dir);
+            if pki.ensure()? {
+                eprintln!(
+                    "created development CA, certificates and token signing key in {}",
+                    pki.dir.display()
+                );
+            }
+            (pki.server_cert(), pki.server_key(), pki.ca_cert())
+        }
+    };
+    let signing_path = cfg
+        .tokens
+        .signing_key
+        .clone()
+        .unwrap_or_else(|| DevPki::new(&data_dir).signing_key());
+    let seed = std::fs::read_to_string(&signing_path).with_context(|| {
+        format!(
+            "cannot read the token signing key {}",
+            signing_path.display()
+        )
+    })?;
+    let signing_key = SigningKey::from_seed_hex(&seed)
+        .with_context(|| format!("in {}", signing_path.display()))?;
+
+    let log_url = cfg
+        .log
+        .clone()
+        .or(args.log.clone())
+        .unwrap_or_else(|| format!("file://{}", data_dir.join("log").display()));
+    let fsync = match cfg.log_fsync {
+        FsyncSetting::Never => FsyncPolicy::Never,
+        FsyncSetting::Group => FsyncPolicy::Group {
+            window: std::time::Duration::from_micros(cfg.log_group_commit_us),
+        },
+    };
+    let log = cloudtap_recorder::open_log(&log_url, fsync).await?;
+
+    let bind = |addr: SocketAddr, what: &'static str| async move {
+        TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} for {what}; is another cloudtapd running? pass --{what}-addr"))
+    };
+    let listeners = Listeners {
+        grpc: bind(args.grpc_addr, "grpc").await?,
+        http: bind(args.http_addr, "http").await?,
+        tunnel: bind(args.tunnel_addr, "tunnel").await?,
+    };
+    let endpoints = Endpoints {
+        grpc: listeners.grpc.local_addr()?,
+        http: listeners.http.local_addr()?,
+        tunnel: listeners.tunnel.local_addr()?,
+        demo: demo_addr,
+    };
+    paths::write_endpoints(&data_dir, &endpoints).with_context(|| {
+        format!(
+            "cannot write {}",
+            paths::endpoints_file(&data_dir).display()
+        )
+    })?;
+    let loopback_only = [endpoints.grpc, endpoints.http, endpoints.tunnel]
+        .iter()
+        .all(|a| a.ip().is_loopback());
+    println!(
+        "cloudtapd {} ({})",
+        env!("CARGO_PKG_VERSION"),
+        if embedded { "all" } else { "edge" }
+    );
+    println!("  gRPC control  {}", endpoints.grpc);
+    println!("  HTTP API      http://{}", endpoints.http);
+    println!("  tunnel (mTLS) {}", endpoints.tunnel);
+    if let Some(d) = demo_addr {
+        println!("  demo-service  {d}");
+    }
+    println!("  traffic log   {}", log.describe());
+    println!("  data dir      {}", data_dir.display());
+    if loopback_only {
+        println!("  listening on loopback only (dev mode)");
+    }
+    println!(
+        "ready: run `cloudtapctl proxy {}` in another shell",
+        cfg.targets.first().map_or("<target>", |t| t.name.as_str())
+    );
+
+    let params = EdgeParams {
+        config: cfg,
+        log,
+        tls_cert: cert,
+        tls_key: key,
+        client_ca,
+        signing_key,
+    };
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        eprintln!("cloudtapd: shutting down (draining tunnels, flushing the log)");
+        stop.cancel();
+    });
+    cloudtap_edge::run(params, listeners, shutdown).await?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// Refuses a data dir path that is a file, before anything is written.
+fn check_data_dir(p: &std::path::Path) -> anyhow::Result<()> {
+    if p.is_file() {
+        bail!("--data-dir {} is a file; give a directory", p.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,374 @@
+//! Edge configuration: one TOML file (every field documented in the README's
+//! configuration reference), plus `--target NAME=HOST:PORT` flags merged in by the
+//! binary. Validation is pure; nothing here touches the network or disk.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeConfig {
+    /// Name of this edge (the writer of its sessions' chains). Default `edge`.
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// Traffic log URL: `file:///path` (default `<data dir>/log`).
+    #[serde(default)]
+    pub log: Option<String>,
+    #[serde(default)]
+    pub log_fsync: FsyncSetting,
+    /// Group-commit window in microseconds (0: groups form while an fsync runs).
+    #[serde(default)]
+    pub log_group_commit_us: u64,
+    /// Certificates; default: the development PKI in `<data dir>/pki`.
+    #[serde(default)]
+    pub tls: Option<TlsFiles>,
+    #[serde(default)]
+    pub tokens: TokenSettings,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub targets: Vec<TargetConfig>,
+    #[serde(default)]
+    pub policy: PolicyConfig,
+}
+
+fn default_name() -> String {
+    "edge".into()
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("empty config is valid")
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FsyncSetting {
+    /// fsync every group commit (default).
+    #[default]
+    Group,
+    /// Never fsync (tmpfs, benchmarks): a machine crash loses acknowledged records.
+    Never,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// CA that client certificates must chain to.
+    pub client_ca: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenSettings {
+    /// Lifetime of user tokens from `login`, seconds (default 900).
+    pub user_ttl_secs: u64,
+    /// Lifetime of session tokens, seconds (default 900); tunnels renew before expiry.
+    pub session_ttl_secs: u64,
+    /// Upper bound for any token (`token issue --ttl`), seconds (default 86400).
+    pub max_ttl_secs: u64,
+    /// Ed25519 seed (hex) file of the issuer; default `<data dir>/pki/token-signing.key`.
+    pub signing_key: Option<PathBuf>,
+}
+
+impl Default for TokenSettings {
+    fn default() -> Self {
+        Self {
+            user_ttl_secs: 900,
+            session_ttl_secs: 900,
+            max_ttl_secs: 86_400,
+            signing_key: None,
+        }
+    }
+}
+
+/// Resource limits. Memory per tunnel is bounded by the yamux connection window
+/// (each stream's receive window starts at 256 KiB and grows within it).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Live tunnels per edge (default 1024).
+    pub max_tunnels: usize,
+    /// Concurrent streams per tunnel (default 1024).
+    pub max_streams_per_tunnel: usize,
+    /// yamux connection receive window in bytes (default 256 MiB = 256 KiB × 1024
+    /// streams). Must be at least 256 KiB × `max_streams_per_tunnel`.
+    pub connection_window_bytes: usize,
+    /// TLS handshake plus hello must finish within this (default 10 s).
+    pub handshake_timeout_secs: u64,
+    /// A stream with no bytes either way for this long is closed (default 3600 s; 0 = never).
+    pub idle_timeout_secs: u64,
+    /// Connecting to an upstream must finish within this (default 10 s).
+    pub connect_timeout_secs: u64,
+    /// Records the tap buffers between forwarding and the log (default 1024).
+    pub tap_capacity: usize,
+    /// Heartbeat interval on the edge's own chain (default 10 s).
+    pub heartbeat_secs: u64,
+}
+
+pub const YAMUX_STREAM_WINDOW: usize = 256 * 1024;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_tunnels: 1024,
+            max_streams_per_tunnel: 1024,
+            connection_window_bytes: 1024 * YAMUX_STREAM_WINDOW,
+            handshake_timeout_secs: 10,
+            idle_timeout_secs: 3600,
+            connect_timeout_secs: 10,
+            tap_capacity: 1024,
+            heartbeat_secs: 10,
+        }
+    }
+}
+
+impl Limits {
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.handshake_timeout_secs)
+    }
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.connect_timeout_secs)
+    }
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        (self.idle_timeout_secs > 0).then(|| Duration::from_secs(self.idle_timeout_secs))
+    }
+}
+
+/// What forwarding does when the tap's buffer is full (DESIGN: "Processes and data flow").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backpressure {
+    /// Forwarding waits; nothing is dropped while the edge runs.
+    #[default]
+    Block,
+    /// Forwarding continues; a gap record counts what was not logged.
+    Drop,
+    /// A chunk is forwarded only after its record is durable.
+    Strict,
+}
+
+impl Backpressure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backpressure::Block => "block",
+            Backpressure::Drop => "drop",
+            Backpressure::Strict => "strict",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    pub name: String,
+    /// `host:port`; the edge resolves it itself and pins the address per stream.
+    pub upstream: String,
+    #[serde(default)]
+    pub tls: Option<UpstreamTls>,
+    #[serde(default)]
+    pub on_log_backpressure: Backpressure,
+}
+
+/// TLS originated by the edge towards the upstream (HTTPS staging services).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// Server name to send and verify; default: the upstream's host.
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// CA bundle to verify the upstream with (PEM). Required unless `insecure_skip_verify`.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Development only: do not verify the upstream's certificate.
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+}
+
+/// Deny-by-default access policy.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Identities allowed to issue and revoke tokens and close anyone's tunnels.
+    #[serde(default)]
+    pub admins: Vec<String>,
+    /// Named groups of identities, referenced as `group:NAME` in rules.
+    #[serde(default)]
+    pub groups: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    pub rules: Vec<PolicyRule>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyRule {
+    /// Identities (certificate CN / SAN), `group:NAME`, or `*`.
+    pub identities: Vec<String>,
+    /// Target names, or `*`.
+    pub targets: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl EdgeConfig {
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Pure checks: names, addresses, limits.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut seen = HashSet::new();
+        for t in &self.targets {
+            if t.name.is_empty()
+                || !t
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(ConfigError(format!(
+                    "target name {:?} must be non-empty and use only letters, digits, '-', '_' or '.'",
+                    t.name
+                )));
+            }
+            if !seen.insert(&t.name) {
+                return Err(ConfigError(format!("target {:?} is defined twice", t.name)));
+            }
+            parse_host_port(&t.upstream).map_err(|e| {
+                ConfigError(format!(
+                    "target {:?}: upstream {:?} {e}",
+                    t.name, t.upstream
+                ))
+            })?;
+            if let Some(tls) = &t.tls
+                && tls.ca.is_none()
+                && !tls.insecure_skip_verify
+            {
+                return Err(ConfigError(format!(
+                    "target {:?}: upstream TLS needs `ca = \"path.pem\"` (or insecure_skip_verify = true for development)",
+                    t.name
+                )));
+            }
+        }
+        let l = &self.limits;
+        if l.max_streams_per_tunnel == 0 || l.max_tunnels == 0 || l.tap_capacity == 0 {
+            return Err(ConfigError("limits must be greater than zero".into()));
+        }
+        let need = YAMUX_STREAM_WINDOW.saturating_mul(l.max_streams_per_tunnel);
+        if l.connection_window_bytes < need {
+            return Err(ConfigError(format!(
+                "limits.connection_window_bytes = {} is below 256 KiB × max_streams_per_tunnel = {need}; raise it or lower max_streams_per_tunnel",
+                l.connection_window_bytes
+            )));
+        }
+        let t = &self.tokens;
+        if t.user_ttl_secs == 0 || t.session_ttl_secs < 10 {
+            return Err(ConfigError(
+                "tokens: user_ttl_secs must be > 0 and session_ttl_secs ≥ 10".into(),
+            ));
+        }
+        if t.user_ttl_secs > t.max_ttl_secs || t.session_ttl_secs > t.max_ttl_secs {
+            return Err(ConfigError("tokens: a ttl is above max_ttl_secs".into()));
+        }
+        if self.policy.groups.keys().any(String::is_empty) {
+            return Err(ConfigError("policy.groups: empty group name".into()));
+        }
+        Ok(())
+    }
+
+    pub fn target(&self, name: &str) -> Option<&TargetConfig> {
+        self.targets.iter().find(|t| t.name == name)
+    }
+}
+
+/// Splits `host:port` (IPv6 in brackets) without resolving it.
+pub fn parse_host_port(s: &str) -> Result<(String, u16), String> {
+    let (host, port) = s.rsplit_once(':').ok_or("must be host:port")?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("has an invalid port {port:?}"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || port == 0 {
+        return Err("must be host:port with a non-zero port".into());
+    }
+    Ok((host.to_string(), port))
+}
+
+/// Parses a `--target NAME=HOST:PORT` flag.
+pub fn parse_target_flag(s: &str) -> Result<TargetConfig, ConfigError> {
+    let (name, upstream) = s
+        .split_once('=')
+        .ok_or_else(|| ConfigError(format!("--target {s:?}: expected NAME=HOST:PORT")))?;
+    Ok(TargetConfig {
+        name: name.trim().into(),
+        upstream: upstream.trim().into(),
+        tls: None,
+        on_log_backpressure: Backpressure::default(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_config_parses() {
+        let cfg = EdgeConfig::from_toml(
+            r#"
+            name = "edge-a"
+            [limits]
+            max_streams_per_tunnel = 8
+            connection_window_bytes = 2097152
+            [[targets]]
+            name = "db"
+            upstream = "db.staging:5432"
+            on_log_backpressure = "strict"
+            [[targets]]
+            name = "web"
+            upstream = "[::1]:443"
+            tls = { sni = "web.staging", insecure_skip_verify = true }
+            [policy]
+            admins = ["root"]
+            groups = { dev = ["alice", "bob"] }
+            [[policy.rules]]
+            identities = ["group:dev"]
+            targets = ["db"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.target("db").unwrap().on_log_backpressure,
+            Backpressure::Strict
+        );
+        assert_eq!(cfg.tokens.user_ttl_secs, 900);
+    }
+
+    #[test]
+    fn bad_configs_say_what_is_wrong() {
+        for (text, needle) in [
+            ("bogus = 1", "unknown field"),
+            ("[[targets]]\nname='a'\nupstream='nope'", "host:port"),
+            (
+                "[[targets]]\nname='a'\nupstream='h:1'\n[[targets]]\nname='a'\nupstream='h:2'",
+                "twice",
+            ),
+            (
+                "[limits]\nmax_streams_per_tunnel = 2048",
+                "connection_window_bytes",
+            ),
+            ("[[targets]]\nname='a'\nupstream='h:1'\ntls = {}", "ca ="),
+        ] {
+            let err = EdgeConfig::from_toml(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+    }
+}

@@ -1,0 +1,370 @@
+//! The cloudtap edge: the tunnel listener (TLS 1.3 + client certificates, yamux),
+//! tokens and policy, the tap into the traffic log, and the control plane (gRPC and
+//! HTTP). `cloudtapd edge` and `cloudtapd all` compose it through [`run`].
+//!
+//! See `docs/ARCHITECTURE.md` for how the pieces fit; in short:
+//!
+//! - [`tunnel`] accepts connections, logs users in, attaches sessions, forwards streams;
+//! - [`control`] holds the control-plane semantics; [`grpc`] and [`http`] expose them;
+//! - [`tap`] is the single path to the log; it assigns seqs and hashes;
+//! - at start the edge reads the log back once: revocations are re-applied and sessions
+//!   an earlier run of this edge left open are closed with reason `edge_restart`; then it
+//!   follows the log for control records (revoke, close) from any edge.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use cloudtap_recorder::{EventLog, Position};
+use cloudtap_schemas::{Audit, Body, CloseReason, Heartbeat, Record, SessionClosed};
+
+pub mod client;
+pub mod config;
+pub mod control;
+pub mod demo;
+pub mod grpc;
+pub mod http;
+mod metrics;
+pub mod mux;
+pub mod pki;
+pub mod policy;
+mod session;
+pub mod tap;
+pub mod token;
+mod tunnel;
+pub mod wire;
+
+use crate::config::{Backpressure, EdgeConfig, TargetConfig};
+use crate::metrics::Metrics;
+use crate::policy::Policy;
+use crate::session::Sessions;
+use crate::tap::{ChainMeta, GapCounter, Tap};
+use crate::token::{SigningKey, VerifyingKey};
+
+/// Everything the edge needs, resolved by the binary (files read, log opened).
+pub struct EdgeParams {
+    pub config: EdgeConfig,
+    pub log: Arc<dyn EventLog>,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    pub client_ca: PathBuf,
+    pub signing_key: SigningKey,
+}
+
+/// The three listeners, bound by the caller (port 0 is fine).
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub http: TcpListener,
+    pub tunnel: TcpListener,
+}
+
+/// Shared state of a running edge.
+pub struct EdgeState {
+    pub(crate) cfg: EdgeConfig,
+    pub(crate) name: String,
+    pub(crate) edge_chain: Uuid,
+    pub(crate) edge_gaps: Arc<GapCounter>,
+    pub(crate) tap: Tap,
+    pub(crate) log: Arc<dyn EventLog>,
+    pub(crate) policy: Policy,
+    pub(crate) signer: SigningKey,
+    pub(crate) verifier: VerifyingKey,
+    pub(crate) sessions: Sessions,
+    pub(crate) revoked: Mutex<HashSet<String>>,
+    pub(crate) tunnel_addr: String,
+    pub(crate) metrics: Metrics,
+    pub(crate) shutting_down: CancellationToken,
+    pub(crate) weak: Weak<EdgeState>,
+    upstream_tls: Mutex<HashMap<String, tokio_rustls::TlsConnector>>,
+}
+
+impl EdgeState {
+    /// TLS connector for a target's upstream, built once.
+    pub(crate) fn upstream_tls(
+        &self,
+        t: &TargetConfig,
+    ) -> Result<tokio_rustls::TlsConnector, String> {
+        let mut cache = self.upstream_tls.lock().expect("tls cache poisoned");
+        if let Some(c) = cache.get(&t.name) {
+            return Ok(c.clone());
+        }
+        let tls = t.tls.clone().unwrap_or_default();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?;
+        let cfg = if tls.insecure_skip_verify {
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(pki::insecure_verifier(provider))
+                .with_no_client_auth()
+        } else {
+            let ca = tls.ca.as_ref().ok_or("no CA configured")?;
+            let mut roots = rustls::RootCertStore::empty();
+            for c in pki::load_certs(ca).map_err(|e| e.to_string())? {
+                roots.add(c).map_err(|e| e.to_string())?;
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        };
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+        cache.insert(t.name.clone(), connector.clone());
+        Ok(connector)
+    }
+
+    pub fn tap(&self) -> &Tap {
+        &self.tap
+    }
+
+    /// `(healthy, reason)` for `/healthz`.
+    pub fn health(&self) -> (bool, String) {
+        if self.tap.stats.failed.load(Ordering::Acquire) {
+            return (
+                false,
+                format!(
+                    "traffic log {} failed; see the edge's log",
+                    self.log.describe()
+                ),
+            );
+        }
+        if self.shutting_down.is_cancelled() {
+            return (false, "shutting down".into());
+        }
+        (true, "ok".into())
+    }
+}
+
+/// Addresses the edge actually bound (written to `endpoints.json`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Endpoints {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub tunnel: SocketAddr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub demo: Option<SocketAddr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+    #[error(
+        "the control plane must listen on loopback in this build ({0} is not): control-plane TLS off loopback is not implemented yet; bind it to 127.0.0.1 and expose only the tunnel port"
+    )]
+    ControlOffLoopback(SocketAddr),
+    #[error("traffic log: {0}")]
+    Log(#[from] cloudtap_recorder::LogError),
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs the edge on the given listeners until `shutdown` fires, then drains: live
+/// sessions end with reason `edge_shutdown`, the tap is flushed, and it returns.
+pub async fn run(
+    params: EdgeParams,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), EdgeError> {
+    for l in [&listeners.grpc, &listeners.http] {
+        let addr = l.local_addr()?;
+        if !addr.ip().is_loopback() {
+            return Err(EdgeError::ControlOffLoopback(addr));
+        }
+    }
+    let server_tls =
+        pki::tunnel_server_config(&params.tls_cert, &params.tls_key, &params.client_ca)?;
+    let tunnel_local = listeners.tunnel.local_addr()?;
+    let cfg = params.config;
+    let (tap, tap_task) = Tap::start(params.log.clone(), cfg.limits.tap_capacity);
+    let edge_chain = Uuid::now_v7();
+    let state = Arc::new_cyclic(|weak| EdgeState {
+        name: cfg.name.clone(),
+        edge_chain,
+        edge_gaps: Arc::default(),
+        tap: tap.clone(),
+        log: params.log.clone(),
+        policy: Policy::new(cfg.policy.clone()),
+        verifier: params.signing_key.verifying_key(),
+        signer: params.signing_key,
+        sessions: Sessions::default(),
+        revoked: Mutex::default(),
+        tunnel_addr: tunnel_local.to_string(),
+        metrics: Metrics::default(),
+        shutting_down: CancellationToken::new(),
+        weak: weak.clone(),
+        upstream_tls: Mutex::default(),
+        cfg,
+    });
+    tap.open_chain(
+        edge_chain,
+        None,
+        state.edge_gaps.clone(),
+        ChainMeta {
+            session_id: None,
+            target: String::new(),
+            identity: state.name.clone(),
+        },
+    )
+    .await
+    .map_err(|_| cloudtap_recorder::LogError::Closed)?;
+    let follow_from = recover(&state).await?;
+    state
+        .edge_record(Body::Audit(Audit {
+            actor: state.name.clone(),
+            action: "edge_started".into(),
+            detail: format!("tunnel={tunnel_local} log={}", state.log.describe()),
+        }))
+        .await;
+
+    let tasks = tokio_util::task::TaskTracker::new();
+    tasks.spawn(follow(state.clone(), follow_from, shutdown.clone()));
+    tasks.spawn(heartbeat(state.clone(), shutdown.clone()));
+    let acceptor = tokio_rustls::TlsAcceptor::from(server_tls);
+    let tunnel_task = tokio::spawn(tunnel::serve(
+        state.clone(),
+        listeners.tunnel,
+        acceptor,
+        shutdown.clone(),
+    ));
+    tasks.spawn(grpc::serve(state.clone(), listeners.grpc, shutdown.clone()));
+    tasks.spawn(http::serve(state.clone(), listeners.http, shutdown.clone()));
+
+    shutdown.cancelled().await;
+    state.shutting_down.cancel();
+    tracing::info!(
+        sessions = state.sessions.len(),
+        "edge shutting down: draining tunnels"
+    );
+    // Sessions see the same token and end themselves; wait for their closing records.
+    let _ = tunnel_task.await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !state.sessions.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for s in state.sessions.all() {
+        // Attached sessions that did not finish in time, and pending ones.
+        state
+            .finish_session(&s, CloseReason::EdgeShutdown, "the edge is shutting down")
+            .await;
+    }
+    tasks.close();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tasks.wait()).await;
+    if let Err(e) = state.tap.flush().await {
+        tracing::error!(error = %e, "final flush of the traffic log failed");
+    }
+    drop(tap);
+    drop(state);
+    let _ = tokio::time::timeout(Duration::from_secs(5), tap_task).await;
+    tracing::info!("edge stopped");
+    Ok(())
+}
+
+/// Reads the log once: re-applies revocations and closes the sessions an earlier run
+/// of this edge left open (reason `edge_restart`). Returns where following starts.
+async fn recover(state: &Arc<EdgeState>) -> Result<Position, EdgeError> {
+    let end = state.log.end();
+    if end.offset == 0 {
+        return Ok(end);
+    }
+    let mut open: HashMap<Uuid, Record> = HashMap::new();
+    let mut sub = state.log.subscribe(Position::default());
+    while let Some(entry) = sub.next().await {
+        let entry = entry?;
+        let r = entry.record;
+        match &r.body {
+            Body::SessionOpened(o) if o.edge == state.name => {
+                open.insert(r.chain_id, r);
+            }
+            Body::SessionClosed(_) => {
+                open.remove(&r.chain_id);
+            }
+            Body::Control(c) if c.action == cloudtap_schemas::ControlAction::Revoke => {
+                state
+                    .revoked
+                    .lock()
+                    .expect("revocations poisoned")
+                    .insert(c.subject.clone());
+            }
+            _ => {
+                if let Some(last) = open.get_mut(&r.chain_id) {
+                    *last = r;
+                }
+            }
+        }
+        if entry.position.offset + 1 >= end.offset {
+            break;
+        }
+    }
+    for (chain, last) in open {
+        tracing::info!(session_id = %chain, "closing session left open by an earlier run (edge_restart)");
+        let gaps = Arc::new(GapCounter::default());
+        if state
+            .tap
+            .open_chain(chain, Some(last), gaps.clone(), ChainMeta::default())
+            .await
+            .is_err()
+        {
+            break;
+        }
+        let closed = Body::SessionClosed(SessionClosed {
+            reason: CloseReason::EdgeRestart,
+            detail: "the edge restarted while the session was open".into(),
+            bytes_up: 0,
+            bytes_down: 0,
+            streams: 0,
+        });
+        let _ = state
+            .tap
+            .record(chain, closed, Backpressure::Block, &gaps)
+            .await;
+        let _ = state.tap.close_chain(chain).await;
+    }
+    Ok(end)
+}
+
+/// Follows the log for control records from any edge.
+async fn follow(state: Arc<EdgeState>, from: Position, shutdown: CancellationToken) {
+    let mut sub = state.log.subscribe(from);
+    loop {
+        let entry = tokio::select! {
+            e = sub.next() => e,
+            _ = shutdown.cancelled() => return,
+        };
+        match entry {
+            Some(Ok(e)) => {
+                if let Body::Control(c) = &e.record.body {
+                    state.apply_control(c);
+                }
+            }
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "following the traffic log failed; revocations and closes from the log stop applying");
+                return;
+            }
+            None => return,
+        }
+    }
+}
+
+async fn heartbeat(state: Arc<EdgeState>, shutdown: CancellationToken) {
+    let mut tick =
+        tokio::time::interval(Duration::from_secs(state.cfg.limits.heartbeat_secs.max(1)));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        state
+            .edge_record(Body::Heartbeat(Heartbeat {
+                edge: state.name.clone(),
+                open_sessions: state.sessions.len() as u64,
+            }))
+            .await;
+    }
+}

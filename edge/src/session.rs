@@ -1,0 +1,145 @@
+//! Live sessions held by this edge.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use cloudtap_schemas::CloseReason;
+
+use crate::config::Backpressure;
+use crate::tap::GapCounter;
+
+/// One tunnel session: opened by `OpenTunnel`, attached on the tunnel port, ended
+/// once with a reason.
+#[derive(Debug)]
+pub struct Session {
+    pub id: Uuid,
+    pub target: String,
+    pub identity: String,
+    pub cert_fingerprint: Option<String>,
+    /// Id of the user token the session was opened with.
+    pub user_token_id: String,
+    pub backpressure: Backpressure,
+    /// Id and expiry (unix seconds) of the current session token; renewals replace it.
+    token: watch::Sender<(String, i64)>,
+    close: watch::Sender<Option<(CloseReason, String)>>,
+    pub attached: AtomicBool,
+    pub gaps: Arc<GapCounter>,
+    pub bytes_up: AtomicU64,
+    pub bytes_down: AtomicU64,
+    pub streams: AtomicU64,
+}
+
+impl Session {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: Uuid,
+        target: String,
+        identity: String,
+        cert_fingerprint: Option<String>,
+        user_token_id: String,
+        backpressure: Backpressure,
+        token_id: String,
+        expires_unix: i64,
+    ) -> Self {
+        Self {
+            id,
+            target,
+            identity,
+            cert_fingerprint,
+            user_token_id,
+            backpressure,
+            token: watch::Sender::new((token_id, expires_unix)),
+            close: watch::Sender::new(None),
+            attached: AtomicBool::new(false),
+            gaps: Arc::default(),
+            bytes_up: AtomicU64::new(0),
+            bytes_down: AtomicU64::new(0),
+            streams: AtomicU64::new(0),
+        }
+    }
+
+    pub fn renewed(&self, token_id: String, expires_unix: i64) {
+        self.token.send_replace((token_id, expires_unix));
+    }
+
+    pub fn watch_token(&self) -> watch::Receiver<(String, i64)> {
+        self.token.subscribe()
+    }
+
+    /// Asks the session to end; the first reason wins.
+    pub fn request_close(&self, reason: CloseReason, detail: impl Into<String>) {
+        let detail = detail.into();
+        self.close.send_if_modified(|c| {
+            if c.is_none() {
+                *c = Some((reason, detail));
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    pub fn watch_close(&self) -> watch::Receiver<Option<(CloseReason, String)>> {
+        self.close.subscribe()
+    }
+
+    /// Does a token id name this session's user token or its current session token?
+    pub fn uses_token(&self, jti: &str) -> bool {
+        self.user_token_id == jti || self.token.borrow().0 == jti
+    }
+
+    pub fn add_bytes(&self, up: u64, down: u64) {
+        self.bytes_up.fetch_add(up, Ordering::Relaxed);
+        self.bytes_down.fetch_add(down, Ordering::Relaxed);
+    }
+}
+
+/// The registry of this edge's sessions.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    inner: Mutex<HashMap<Uuid, Arc<Session>>>,
+}
+
+impl Sessions {
+    pub fn insert(&self, s: Arc<Session>) {
+        self.lock().insert(s.id, s);
+    }
+
+    pub fn get(&self, id: &Uuid) -> Option<Arc<Session>> {
+        self.lock().get(id).cloned()
+    }
+
+    pub fn remove(&self, id: &Uuid) -> Option<Arc<Session>> {
+        self.lock().remove(id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn all(&self) -> Vec<Arc<Session>> {
+        self.lock().values().cloned().collect()
+    }
+
+    /// Sessions matching a session id or a target name.
+    pub fn matching(&self, selector: &str) -> Vec<Arc<Session>> {
+        let id = Uuid::parse_str(selector).ok();
+        self.lock()
+            .values()
+            .filter(|s| Some(s.id) == id || s.target == selector)
+            .cloned()
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Arc<Session>>> {
+        self.inner.lock().expect("session registry poisoned")
+    }
+}

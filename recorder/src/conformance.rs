@@ -1,0 +1,137 @@
+//! The conformance suite every [`EventLog`] backend runs unchanged.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use cloudtap_schemas::{Audit, Body, ChainWriter, Record, verify_chain};
+
+use crate::{EventLog, Position};
+
+fn records(w: &mut ChainWriter, n: usize, tag: &str) -> Vec<Record> {
+    (0..n)
+        .map(|i| {
+            w.seal_now(Body::Audit(Audit {
+                actor: tag.into(),
+                action: format!("{tag}-{i}"),
+                detail: "x".repeat(i % 7),
+            }))
+        })
+        .collect()
+}
+
+/// Runs every scenario, each on a fresh log from `make`.
+pub async fn run_all<F, Fut, L>(make: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Arc<L>>,
+    L: EventLog,
+{
+    append_then_read_back(make().await).await;
+    subscribe_sees_old_and_new(make().await).await;
+    concurrent_appenders_keep_per_task_order(make().await).await;
+    empty_batch_is_a_no_op(make().await).await;
+}
+
+async fn append_then_read_back<L: EventLog>(log: Arc<L>) {
+    let mut a = ChainWriter::new(uuid::Uuid::now_v7());
+    let mut b = ChainWriter::new(uuid::Uuid::now_v7());
+    let ra1 = records(&mut a, 3, "a");
+    let rb = records(&mut b, 4, "b");
+    let ra2 = records(&mut a, 2, "a");
+    assert_eq!(
+        log.append(ra1.clone()).await.unwrap(),
+        Position {
+            partition: 0,
+            offset: 2
+        }
+    );
+    assert_eq!(log.append(rb.clone()).await.unwrap().offset, 6);
+    assert_eq!(log.append(ra2.clone()).await.unwrap().offset, 8);
+    assert_eq!(log.end().offset, 9);
+    let chain_a = log.read_chain(a.chain_id()).await.unwrap();
+    assert_eq!(chain_a, [ra1, ra2].concat());
+    assert_eq!(verify_chain(None, &chain_a).unwrap(), 5);
+    assert_eq!(log.read_chain(b.chain_id()).await.unwrap(), rb);
+    assert!(
+        log.read_chain(uuid::Uuid::now_v7())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn subscribe_sees_old_and_new<L: EventLog>(log: Arc<L>) {
+    let mut w = ChainWriter::new(uuid::Uuid::now_v7());
+    let first = records(&mut w, 5, "s");
+    log.append(first.clone()).await.unwrap();
+    let mut sub = log.subscribe(Position {
+        partition: 0,
+        offset: 2,
+    });
+    for (i, want) in first[2..].iter().enumerate() {
+        let got = next(&mut sub).await;
+        assert_eq!(got.position.offset, 2 + i as u64);
+        assert_eq!(&got.record, want);
+    }
+    // Nothing more yet: the subscriber waits.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), sub.next())
+            .await
+            .is_err()
+    );
+    let more = records(&mut w, 3, "s");
+    log.append(more.clone()).await.unwrap();
+    for want in &more {
+        assert_eq!(&next(&mut sub).await.record, want);
+    }
+}
+
+async fn concurrent_appenders_keep_per_task_order<L: EventLog>(log: Arc<L>) {
+    let mut tasks = Vec::new();
+    let mut chains = Vec::new();
+    for t in 0..4 {
+        let log = log.clone();
+        let mut w = ChainWriter::new(uuid::Uuid::now_v7());
+        chains.push(w.chain_id());
+        tasks.push(tokio::spawn(async move {
+            let mut last = None;
+            for _ in 0..25 {
+                let pos = log
+                    .append(records(&mut w, 2, &format!("t{t}")))
+                    .await
+                    .unwrap();
+                assert!(
+                    last.is_none_or(|l| pos > l),
+                    "positions must grow per appender"
+                );
+                last = Some(pos);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(log.end().offset, 200);
+    for c in chains {
+        let chain = log.read_chain(c).await.unwrap();
+        assert_eq!(verify_chain(None, &chain).unwrap(), 50);
+    }
+}
+
+async fn empty_batch_is_a_no_op<L: EventLog>(log: Arc<L>) {
+    log.append(Vec::new()).await.unwrap();
+    assert_eq!(log.end().offset, 0);
+}
+
+async fn next(
+    sub: &mut futures::stream::BoxStream<'static, Result<crate::LogEntry, crate::LogError>>,
+) -> crate::LogEntry {
+    tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("waited 10 s for a record from subscribe")
+        .expect("subscription ended")
+        .expect("subscription failed")
+}

@@ -1,0 +1,375 @@
+//! The embedded default log: [`segment`](crate::segment) files on local disk.
+//!
+//! One dedicated writer thread owns the [`SegmentLog`]. Appenders send batches over a
+//! bounded channel; the thread takes every batch that is waiting (optionally waiting up
+//! to the group-commit window for more), writes them, issues **one** fsync for all of
+//! them, publishes the new durable end and only then answers each appender. While one
+//! fsync runs, the next group forms, so concurrent appenders share fsyncs instead of
+//! queueing behind one each.
+//!
+//! Readers open their own file handles (`SegmentReader`) on blocking threads and read
+//! only up to the published durable end, so they never see a record the writer could
+//! still lose.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use futures::{FutureExt, StreamExt};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use cloudtap_schemas::{Record, decode_record, encode_record};
+
+use crate::segment::{SegmentConfig, SegmentLog, SegmentReader};
+use crate::{EventLog, LogEntry, LogError, Position};
+
+/// When the writer thread fsyncs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// fsync after every group of batches; wait up to `window` after the first batch
+    /// of a group for more to arrive (zero: groups form only while an fsync runs).
+    Group { window: Duration },
+    /// Never fsync: "durable" means handed to the OS. For tmpfs and benchmarks only —
+    /// a machine crash can lose acknowledged records.
+    Never,
+}
+
+impl Default for FsyncPolicy {
+    fn default() -> Self {
+        FsyncPolicy::Group {
+            window: Duration::ZERO,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct FileLogConfig {
+    pub dir: PathBuf,
+    pub fsync: FsyncPolicy,
+    pub segment_bytes: u64,
+    /// Bound of the appenders → writer channel, in batches.
+    pub queue_batches: usize,
+}
+
+impl FileLogConfig {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            fsync: FsyncPolicy::default(),
+            segment_bytes: 64 * 1024 * 1024,
+            queue_batches: 256,
+        }
+    }
+}
+
+struct AppendReq {
+    batch: Vec<Record>,
+    reply: oneshot::Sender<Result<Position, LogError>>,
+}
+
+/// Segment-file [`EventLog`]. Cheap to clone? No: share it behind an `Arc`.
+pub struct FileLog {
+    dir: PathBuf,
+    tx: mpsc::Sender<AppendReq>,
+    durable: watch::Receiver<u64>,
+}
+
+impl FileLog {
+    /// Opens (and recovers) the log in `config.dir` and starts its writer thread.
+    pub async fn open(config: FileLogConfig) -> Result<Self, LogError> {
+        let seg_cfg = SegmentConfig {
+            segment_bytes: config.segment_bytes,
+            ..SegmentConfig::new(config.dir.clone())
+        };
+        let (log, report) = tokio::task::spawn_blocking(move || SegmentLog::open(seg_cfg))
+            .await
+            .expect("segment open panicked")?;
+        if report.truncated_bytes > 0 {
+            tracing::warn!(
+                dir = %config.dir.display(),
+                truncated_bytes = report.truncated_bytes,
+                "traffic log had a torn tail; truncated to the last intact record"
+            );
+        }
+        tracing::info!(
+            dir = %config.dir.display(),
+            segments = report.segments,
+            records = report.entries,
+            "traffic log opened"
+        );
+        let (tx, rx) = mpsc::channel(config.queue_batches);
+        let (durable_tx, durable) = watch::channel(log.durable_offset());
+        let fsync = config.fsync;
+        std::thread::Builder::new()
+            .name("cloudtap-log-writer".into())
+            .spawn(move || writer_thread(log, rx, durable_tx, fsync))
+            .map_err(|source| LogError::Io {
+                path: config.dir.clone(),
+                source,
+            })?;
+        Ok(Self {
+            dir: config.dir,
+            tx,
+            durable,
+        })
+    }
+}
+
+fn writer_thread(
+    mut log: SegmentLog,
+    mut rx: mpsc::Receiver<AppendReq>,
+    durable: watch::Sender<u64>,
+    fsync: FsyncPolicy,
+) {
+    let mut group: Vec<AppendReq> = Vec::new();
+    let mut encoded: Vec<Vec<u8>> = Vec::new();
+    while let Some(first) = rx.blocking_recv() {
+        group.push(first);
+        if let FsyncPolicy::Group { window } = fsync
+            && !window.is_zero()
+        {
+            let deadline = Instant::now() + window;
+            while Instant::now() < deadline {
+                match rx.try_recv() {
+                    Ok(r) => group.push(r),
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        std::thread::sleep(Duration::from_micros(100))
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                }
+            }
+        }
+        while let Ok(r) = rx.try_recv() {
+            group.push(r);
+        }
+
+        // Write every batch of the group, remembering each one's last offset.
+        let mut results: Vec<Result<u64, LogError>> = Vec::with_capacity(group.len());
+        let mut failed = false;
+        for req in &group {
+            if failed {
+                results.push(Err(LogError::Closed));
+                continue;
+            }
+            encoded.clear();
+            encoded.extend(req.batch.iter().map(encode_record));
+            let refs: Vec<&[u8]> = encoded.iter().map(Vec::as_slice).collect();
+            match log.append(&refs) {
+                Ok(range) => results.push(Ok(range.end.saturating_sub(1))),
+                Err(e) => {
+                    tracing::error!(error = %e, "traffic log append failed");
+                    failed = true;
+                    results.push(Err(e.into()));
+                }
+            }
+        }
+        let synced = match fsync {
+            FsyncPolicy::Never => Ok(log.next_offset()),
+            FsyncPolicy::Group { .. } => log.sync().map_err(LogError::from),
+        };
+        match synced {
+            Ok(end) => {
+                durable.send_replace(end);
+                for (req, res) in group.drain(..).zip(results) {
+                    let _ = req.reply.send(res.map(|offset| Position {
+                        partition: 0,
+                        offset,
+                    }));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "traffic log fsync failed");
+                let msg = e.to_string();
+                for req in group.drain(..) {
+                    let _ = req.reply.send(Err(LogError::Io {
+                        path: log.dir().to_path_buf(),
+                        source: std::io::Error::other(msg.clone()),
+                    }));
+                }
+            }
+        }
+        if failed {
+            // A failed write leaves the segment in an unknown state: stop accepting
+            // appends rather than build chains on top of it. Recovery on the next
+            // open truncates whatever is torn.
+            break;
+        }
+    }
+    if let Err(e) = log.sync() {
+        tracing::error!(error = %e, "final traffic log fsync failed");
+    }
+}
+
+impl EventLog for FileLog {
+    fn append(&self, batch: Vec<Record>) -> BoxFuture<'_, Result<Position, LogError>> {
+        async move {
+            if batch.is_empty() {
+                return Ok(self.end());
+            }
+            let (reply, rx) = oneshot::channel();
+            self.tx
+                .send(AppendReq { batch, reply })
+                .await
+                .map_err(|_| LogError::Closed)?;
+            rx.await.map_err(|_| LogError::Closed)?
+        }
+        .boxed()
+    }
+
+    fn subscribe(&self, from: Position) -> BoxStream<'static, Result<LogEntry, LogError>> {
+        let (tx, rx) = mpsc::channel::<Result<LogEntry, LogError>>(1024);
+        let dir = self.dir.clone();
+        let mut durable = self.durable.clone();
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            // Retention may have removed the start; begin at the oldest record kept.
+            let mut next = from.offset.max(first_offset(&dir));
+            loop {
+                let end = *durable.borrow_and_update();
+                if next < end {
+                    let reader = match SegmentReader::open(&dir, next, end) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            let _ = tx.blocking_send(Err(e.into()));
+                            return;
+                        }
+                    };
+                    for item in reader {
+                        let entry = item.map_err(LogError::from).and_then(|(offset, bytes)| {
+                            let position = Position {
+                                partition: 0,
+                                offset,
+                            };
+                            decode_record(&bytes)
+                                .map(|record| LogEntry { position, record })
+                                .map_err(|source| LogError::Decode { position, source })
+                        });
+                        let stop = entry.is_err();
+                        if let Ok(e) = &entry {
+                            next = e.position.offset + 1;
+                        }
+                        if tx.blocking_send(entry).is_err() || stop {
+                            return;
+                        }
+                    }
+                    continue;
+                }
+                // Caught up: wait for the writer to publish more (or go away).
+                let changed = handle.block_on(async {
+                    tokio::select! {
+                        r = durable.changed() => r.is_ok(),
+                        _ = tx.closed() => false,
+                    }
+                });
+                if !changed {
+                    return;
+                }
+            }
+        });
+        tokio_stream_from(rx)
+    }
+
+    fn end(&self) -> Position {
+        Position {
+            partition: 0,
+            offset: *self.durable.borrow(),
+        }
+    }
+
+    fn read_chain(&self, chain_id: uuid::Uuid) -> BoxFuture<'_, Result<Vec<Record>, LogError>> {
+        let dir = self.dir.clone();
+        let end = *self.durable.borrow();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let mut out = Vec::new();
+                for item in SegmentReader::open(&dir, first_offset(&dir), end)? {
+                    let (offset, bytes) = item?;
+                    let record = decode_record(&bytes).map_err(|source| LogError::Decode {
+                        position: Position {
+                            partition: 0,
+                            offset,
+                        },
+                        source,
+                    })?;
+                    if record.chain_id == chain_id {
+                        out.push(record);
+                    }
+                }
+                out.sort_by_key(|r: &Record| r.seq);
+                out.dedup_by_key(|r| r.seq);
+                Ok(out)
+            })
+            .await
+            .expect("read_chain panicked")
+        }
+        .boxed()
+    }
+
+    fn describe(&self) -> String {
+        format!("file://{}", self.dir.display())
+    }
+}
+
+/// The first offset still on disk (segment files are named by their first offset).
+fn first_offset(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            name.strip_suffix(".log")?.parse::<u64>().ok()
+        })
+        .min()
+        .unwrap_or(0)
+}
+
+fn tokio_stream_from<T: Send + 'static>(rx: mpsc::Receiver<T>) -> BoxStream<'static, T> {
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) }).boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn conformance() {
+        let dirs = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let d2 = dirs.clone();
+        crate::conformance::run_all(move || {
+            let dirs = d2.clone();
+            async move {
+                let dir = tempfile::tempdir().unwrap();
+                let log = FileLog::open(FileLogConfig::new(dir.path())).await.unwrap();
+                dirs.lock().unwrap().push(dir);
+                Arc::new(log)
+            }
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reopen_keeps_everything_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = cloudtap_schemas::ChainWriter::new(uuid::Uuid::now_v7());
+        let recs: Vec<Record> = (0..50)
+            .map(|i| {
+                w.seal_now(cloudtap_schemas::Body::Audit(cloudtap_schemas::Audit {
+                    actor: "t".into(),
+                    action: format!("a{i}"),
+                    detail: String::new(),
+                }))
+            })
+            .collect();
+        {
+            let log = FileLog::open(FileLogConfig::new(dir.path())).await.unwrap();
+            let pos = log.append(recs.clone()).await.unwrap();
+            assert_eq!(pos.offset, 49);
+        }
+        let log = FileLog::open(FileLogConfig::new(dir.path())).await.unwrap();
+        assert_eq!(log.end().offset, 50);
+        assert_eq!(log.read_chain(w.chain_id()).await.unwrap(), recs);
+    }
+}
