@@ -13,6 +13,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Limits;
 
+/// A yamux stream with tokio's I/O traits.
+///
+/// Poll both directions of one stream from the same task (e.g. `tokio::join!` or
+/// `copy_bidirectional`): yamux keeps one waker for a stream's command channel, so
+/// halves split across two tasks can lose a wakeup and stall.
 pub type MuxStream = Compat<yamux::Stream>;
 
 type OpenReq = oneshot::Sender<Result<yamux::Stream, yamux::ConnectionError>>;

@@ -89,6 +89,9 @@ impl DevPki {
     pub fn signing_key(&self) -> PathBuf {
         self.dir.join("token-signing.key")
     }
+    pub fn ca_key(&self) -> PathBuf {
+        self.dir.join("ca.key")
+    }
     pub fn signing_pub(&self) -> PathBuf {
         self.dir.join("token-signing.pub")
     }
@@ -100,7 +103,7 @@ impl DevPki {
         if !self.ca_cert().exists() {
             let ca = generate_ca("cloudtap development CA")?;
             write(&self.ca_cert(), ca.cert_pem.as_bytes(), false)?;
-            write(&self.dir.join("ca.key"), ca.key_pem.as_bytes(), true)?;
+            write(&self.ca_key(), ca.key_pem.as_bytes(), true)?;
             let server = ca.issue_server(&["localhost", "127.0.0.1", "::1"])?;
             write(&self.server_cert(), server.cert_pem.as_bytes(), false)?;
             write(&self.server_key(), server.key_pem.as_bytes(), true)?;
@@ -148,6 +151,17 @@ pub struct Ca {
 }
 
 impl Ca {
+    /// Loads an existing CA (e.g. the development CA in `<data dir>/pki`).
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Ca, PkiError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
+        Ok(Ca {
+            cert_pem: cert_pem.into(),
+            key_pem: key_pem.into(),
+            issuer,
+        })
+    }
+
     pub fn issue_server(&self, names: &[&str]) -> Result<IssuedCert, PkiError> {
         let mut params =
             CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;

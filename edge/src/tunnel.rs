@@ -95,12 +95,24 @@ async fn handle_conn(
         Ok::<_, Refusal>((tls, der, hello))
     };
     let (mut tls, der, hello) = match tokio::time::timeout(deadline, handshake).await {
-        Ok(r) => r?,
+        Ok(Ok(ok)) => ok,
+        Ok(Err(r)) => {
+            // Certificates from another CA, plain TCP, garbage hellos: refused before an
+            // identity is known, and recorded all the same.
+            state
+                .decision("tunnel_handshake", "", "", Err(&r), "", "")
+                .await;
+            return Err(r);
+        }
         Err(_) => {
-            return Err(Refusal::new(
+            let r = Refusal::new(
                 "handshake_timeout",
-                format!("no TLS handshake and hello within {deadline:?}"),
-            ));
+                format!("no TLS handshake and hello from {peer} within {deadline:?}"),
+            );
+            state
+                .decision("tunnel_handshake", "", "", Err(&r), "", "")
+                .await;
+            return Err(r);
         }
     };
     let fingerprint = crate::pki::cert_fingerprint(&der);
