@@ -216,10 +216,12 @@ async fn run_session<S>(
         mux::config(&state.cfg.limits),
         yamux::Mode::Server,
     );
-    let (control, mut inbound, driver) = mux::spawn(conn, state.cfg.limits.max_streams_per_tunnel);
+    let (control, mut inbound, mut driver) =
+        mux::spawn(conn, state.cfg.limits.max_streams_per_tunnel);
     let mut close = session.watch_close();
     let mut token = session.watch_token();
     let streams = tokio_util::task::TaskTracker::new();
+    let end = CancellationToken::new();
     let mut next_stream_id: u64 = 0;
     let (reason, detail) = loop {
         let expires = token.borrow().1;
@@ -228,7 +230,7 @@ async fn run_session<S>(
             s = inbound.recv() => match s {
                 Some(stream) => {
                     next_stream_id += 1;
-                    streams.spawn(handle_stream(state.clone(), session.clone(), stream, next_stream_id));
+                    streams.spawn(handle_stream(state.clone(), session.clone(), stream, next_stream_id, end.clone()));
                 }
                 None => break (CloseReason::ClientGone, "the client closed the tunnel".to_string()),
             },
@@ -256,11 +258,19 @@ async fn run_session<S>(
         })
         .await;
     }
-    // Ending the connection resets every stream; give them a moment to record their end.
+    // Close the connection (GoAway) and stop every stream, even those whose upstream
+    // never closes; each still writes its stream_closed record before the session's.
     control.close();
-    let _ = tokio::time::timeout(Duration::from_secs(5), driver).await;
+    end.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(2), &mut driver).await;
+    driver.abort();
     streams.close();
-    let _ = tokio::time::timeout(Duration::from_secs(5), streams.wait()).await;
+    if tokio::time::timeout(Duration::from_secs(5), streams.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(session_id = %session.id, "streams did not finish within 5 s of the session's end");
+    }
     tracing::info!(session_id = %session.id, reason = %reason, "tunnel closed");
     state.finish_session(&session, reason, &detail).await;
 }
@@ -270,6 +280,7 @@ async fn handle_stream(
     session: Arc<Session>,
     mut stream: MuxStream,
     stream_id: u64,
+    end: CancellationToken,
 ) {
     let mode = session.backpressure;
     let tap = &state.tap;
@@ -375,15 +386,22 @@ async fn handle_stream(
     session.streams.fetch_add(1, Ordering::Relaxed);
     state.metrics.streams_total.fetch_add(1, Ordering::Relaxed);
 
+    let ctx = StreamCtx {
+        state: &state,
+        session: &session,
+        stream_id,
+        activity: std::sync::Mutex::new(Instant::now()),
+        end,
+    };
     let (cr, cw) = tokio::io::split(stream);
     let result = match upstream.io {
         Upstream::Plain(tcp) => {
             let (ur, uw) = tcp.into_split();
-            pump_both(&state, &session, stream_id, cr, cw, ur, uw).await
+            pump_both(&ctx, cr, cw, ur, uw).await
         }
         Upstream::Tls(tls) => {
             let (ur, uw) = tokio::io::split(*tls);
-            pump_both(&state, &session, stream_id, cr, cw, ur, uw).await
+            pump_both(&ctx, cr, cw, ur, uw).await
         }
     };
     let (up, down, error) = result;
@@ -504,12 +522,21 @@ async fn dial(state: &EdgeState, target: &TargetConfig) -> Result<Dialed, String
     })
 }
 
+/// What both directions of one stream share.
+struct StreamCtx<'a> {
+    state: &'a EdgeState,
+    session: &'a Session,
+    stream_id: u64,
+    /// Last time a byte moved either way (for the idle timeout).
+    activity: std::sync::Mutex<Instant>,
+    /// Cancelled when the session ends.
+    end: CancellationToken,
+}
+
 /// Copies both directions until both have ended; returns bytes up, bytes down and
 /// the first error (empty when both ended cleanly).
 async fn pump_both<CR, CW, UR, UW>(
-    state: &EdgeState,
-    session: &Session,
-    stream_id: u64,
+    ctx: &StreamCtx<'_>,
     client_r: CR,
     client_w: CW,
     up_r: UR,
@@ -521,25 +548,8 @@ where
     UR: AsyncRead + Unpin,
     UW: AsyncWrite + Unpin,
 {
-    let activity = std::sync::Mutex::new(Instant::now());
-    let up = pump(
-        state,
-        session,
-        stream_id,
-        Direction::Up,
-        client_r,
-        up_w,
-        &activity,
-    );
-    let down = pump(
-        state,
-        session,
-        stream_id,
-        Direction::Down,
-        up_r,
-        client_w,
-        &activity,
-    );
+    let up = pump(ctx, Direction::Up, client_r, up_w);
+    let down = pump(ctx, Direction::Down, up_r, client_w);
     let ((up_n, up_err), (down_n, down_err)) = tokio::join!(up, down);
     let error = [up_err, down_err]
         .into_iter()
@@ -550,35 +560,45 @@ where
 }
 
 async fn pump<R, W>(
-    state: &EdgeState,
-    session: &Session,
-    stream_id: u64,
+    ctx: &StreamCtx<'_>,
     dir: Direction,
     mut r: R,
     mut w: W,
-    activity: &std::sync::Mutex<Instant>,
 ) -> (u64, Option<String>)
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let (state, session, stream_id, activity, end) = (
+        ctx.state,
+        ctx.session,
+        ctx.stream_id,
+        &ctx.activity,
+        &ctx.end,
+    );
     let idle = state.cfg.limits.idle_timeout();
     let mut offset = 0u64;
     let mut buf = BytesMut::with_capacity(CHUNK);
     loop {
         buf.reserve(CHUNK);
-        let read = match idle {
-            Some(idle) => match tokio::time::timeout(idle, r.read_buf(&mut buf)).await {
+        // Wake at the idle deadline (or never) to see whether the stream went idle.
+        let wake = idle.unwrap_or(Duration::from_secs(365 * 24 * 3600));
+        let read = tokio::select! {
+            r = tokio::time::timeout(wake, r.read_buf(&mut buf)) => match r {
                 Ok(r) => r,
                 Err(_) => {
-                    if activity.lock().expect("activity lock").elapsed() >= idle {
+                    if activity.lock().expect("activity lock").elapsed() >= wake {
                         let _ = w.shutdown().await;
-                        return (offset, Some(format!("idle for {idle:?}")));
+                        return (offset, Some(format!("idle for {wake:?}")));
                     }
                     continue;
                 }
             },
-            None => r.read_buf(&mut buf).await,
+            // The session ended: stop even if the peer never closes its side.
+            _ = end.cancelled() => {
+                let _ = w.shutdown().await;
+                return (offset, Some("the session ended".into()));
+            }
         };
         let n = match read {
             Ok(0) => {
