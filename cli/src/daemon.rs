@@ -191,6 +191,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     let loopback_only = [endpoints.grpc, endpoints.http, endpoints.tunnel]
         .iter()
         .all(|a| a.ip().is_loopback());
+    let signals = shutdown_signal()?;
     println!(
         "cloudtapd {} ({})",
         env!("CARGO_PKG_VERSION"),
@@ -222,7 +223,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     };
     let stop = shutdown.clone();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signals.await;
         eprintln!("cloudtapd: shutting down (draining tunnels, flushing the log)");
         stop.cancel();
     });
@@ -230,27 +231,18 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
+/// Registers SIGINT and SIGTERM handlers now (so a signal that arrives right after
+/// "ready" is not lost) and returns a future that resolves on the first of them.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    Ok(async move {
         tokio::select! {
-            _ = ctrl_c => {}
+            _ = int.recv() => {}
             _ = term.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
+    })
 }
 
 /// Refuses a data dir path that is a file, before anything is written.

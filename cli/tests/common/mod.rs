@@ -1,0 +1,158 @@
+//! Drives the built binaries the way a user does.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cloudtap_edge::Endpoints;
+
+pub fn cloudtapd() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_cloudtapd"))
+}
+
+pub fn cloudtapctl(data_dir: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_cloudtapctl"));
+    c.env("CLOUDTAP_DATA_DIR", data_dir)
+        .env_remove("CLOUDTAP_SERVER")
+        .env_remove("CLOUDTAP_TOKEN");
+    c
+}
+
+/// A running cloudtapd; killed (SIGKILL) on drop unless stopped.
+pub struct Daemon {
+    pub child: Child,
+    pub data_dir: PathBuf,
+    pub endpoints: Endpoints,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Daemon {
+    /// Starts `cloudtapd ROLE` on loopback port 0 and waits until it says it is ready.
+    pub fn start(role: &str, data_dir: &Path, extra: &[&str]) -> Daemon {
+        let _ = std::fs::remove_file(data_dir.join("endpoints.json"));
+        let mut child = cloudtapd()
+            .arg(role)
+            .args([
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--http-addr",
+                "127.0.0.1:0",
+                "--tunnel-addr",
+                "127.0.0.1:0",
+            ])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cloudtapd starts");
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let err_pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err_pipe).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push_str(&line);
+                sink.lock().unwrap().push('\n');
+            }
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) if line.starts_with("ready") => break,
+                Ok(_) => {}
+                Err(_) => {
+                    if let Some(status) = child.try_wait().unwrap() {
+                        panic!("cloudtapd exited with {status}: {}", stderr.lock().unwrap());
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "cloudtapd not ready within 30 s: {}",
+                        stderr.lock().unwrap()
+                    );
+                }
+            }
+        }
+        let endpoints: Endpoints =
+            serde_json::from_slice(&std::fs::read(data_dir.join("endpoints.json")).unwrap())
+                .unwrap();
+        Daemon {
+            child,
+            data_dir: data_dir.to_path_buf(),
+            endpoints,
+            stderr,
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "cloudtapd exited with {status}: {}",
+                    self.stderr()
+                );
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cloudtapd did not stop within 30 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a command to completion with a deadline; returns (exit code, stdout, stderr).
+pub fn run(cmd: &mut Command) -> (i32, String, String) {
+    let out = cmd.stdin(Stdio::null()).output().expect("command runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A minimal HTTP/1.1 GET over a fresh TCP connection; returns the whole response.
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
