@@ -686,7 +686,8 @@ impl EdgeState {
                     .insert(c.subject.clone());
                 for s in self.sessions.all() {
                     if s.uses_token(&c.subject) {
-                        s.request_close(
+                        self.end_session(
+                            &s,
                             CloseReason::Revoked,
                             format!("token {} revoked by {}", c.subject, c.actor),
                         );
@@ -695,9 +696,18 @@ impl EdgeState {
             }
             ControlAction::Close => {
                 for s in self.sessions.matching(&c.subject) {
-                    s.request_close(CloseReason::UserClose, format!("closed by {}", c.actor));
+                    self.end_session(&s, CloseReason::UserClose, format!("closed by {}", c.actor));
                 }
             }
+        }
+    }
+
+    /// Ends a session: an attached one is told to close (its task writes the closing
+    /// record); one never attached is simply forgotten, so it cannot attach later.
+    fn end_session(&self, s: &Session, reason: CloseReason, detail: String) {
+        s.request_close(reason, detail);
+        if !s.attached.load(Ordering::Acquire) {
+            self.sessions.remove(&s.id);
         }
     }
 }

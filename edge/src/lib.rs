@@ -245,7 +245,8 @@ pub async fn run(
     // Sessions see the same token and end themselves; wait for their closing records.
     let _ = tunnel_task.await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !state.sessions.is_empty() && tokio::time::Instant::now() < deadline {
+    let attached = |s: &Arc<session::Session>| s.attached.load(Ordering::Acquire);
+    while state.sessions.all().iter().any(attached) && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     for s in state.sessions.all() {

@@ -224,6 +224,10 @@ async fn run_session<S>(
     let end = CancellationToken::new();
     let mut next_stream_id: u64 = 0;
     let (reason, detail) = loop {
+        // A close requested before this loop subscribed (e.g. racing the attach).
+        if let Some(r) = close.borrow_and_update().clone() {
+            break r;
+        }
         let expires = token.borrow().1;
         let until_expiry = Duration::from_secs((expires - crate::token::now_unix()).max(0) as u64);
         tokio::select! {

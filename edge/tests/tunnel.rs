@@ -116,6 +116,16 @@ async fn bulk_transfer_over_eight_streams_is_byte_identical_and_fully_logged() {
         let (i, sent, got_down) = t.await.unwrap();
         expected.insert(i, (sent, got_down));
     }
+    // The upstream records its hash once it has read to EOF, which may be a moment
+    // after the client finished.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while received.lock().unwrap().len() < streams as usize {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "upstream did not see every stream end within 20 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     for (i, (sent, _)) in &expected {
         assert_eq!(
             received.lock().unwrap()[i],
