@@ -54,7 +54,10 @@ fn parse_args() -> Args {
             other => panic!("unknown flag {other}"),
         }
     }
-    assert!(a.cloudtapd.exists() && a.cloudtapctl.exists(), "--cloudtapd and --cloudtapctl must name the built binaries");
+    assert!(
+        a.cloudtapd.exists() && a.cloudtapctl.exists(),
+        "--cloudtapd and --cloudtapctl must name the built binaries"
+    );
     a
 }
 
@@ -157,7 +160,9 @@ impl Drop for Stack {
             let _ = p.kill();
             let _ = p.wait();
         }
-        let _ = Command::new("kill").args(["-TERM", &self.edge.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.edge.id().to_string()])
+            .status();
         let _ = self.edge.wait();
     }
 }
@@ -176,7 +181,15 @@ fn stack(a: &Args, data: &Path, targets: &(String, String, String)) -> Stack {
     )
     .unwrap();
     let mut edge = Command::new(&a.cloudtapd)
-        .args(["edge", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--tunnel-addr", "127.0.0.1:0"])
+        .args([
+            "edge",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--tunnel-addr",
+            "127.0.0.1:0",
+        ])
         .arg("--data-dir")
         .arg(data)
         .arg("--config")
@@ -192,7 +205,10 @@ fn stack(a: &Args, data: &Path, targets: &(String, String, String)) -> Stack {
             break;
         }
     }
-    let mut st = Stack { edge, proxies: Vec::new() };
+    let mut st = Stack {
+        edge,
+        proxies: Vec::new(),
+    };
     for t in ["sink", "echo", "idle"] {
         let mut p = Command::new(&a.cloudtapctl)
             .args(["-o", "json", "proxy", t])
@@ -203,9 +219,13 @@ fn stack(a: &Args, data: &Path, targets: &(String, String, String)) -> Stack {
             .spawn()
             .unwrap();
         let mut line = String::new();
-        BufReader::new(p.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("proxy said {line:?}: {e}"));
-        st.proxies.push((p, v["local_addr"].as_str().unwrap().to_string()));
+        BufReader::new(p.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("proxy said {line:?}: {e}"));
+        st.proxies
+            .push((p, v["local_addr"].as_str().unwrap().to_string()));
     }
     st
 }
@@ -243,7 +263,10 @@ fn main() {
     let a = parse_args();
     let targets = servers();
     let mb = a.bytes as f64 / 1e6;
-    println!("cloudtap tunnel benchmark ({} cores)", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    println!(
+        "cloudtap tunnel benchmark ({} cores)",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
     println!();
 
     println!("bulk upload, {mb:.0} MB in 64 KiB writes (MB/s)");
@@ -251,15 +274,25 @@ fn main() {
     println!("  direct (TCP loopback)            {direct:>9.1}");
     let tmp = stack(&a, &a.tmpfs.join("cloudtap-bench"), &targets);
     let via_tmpfs = upload(&tmp.proxies[0].1, a.bytes);
-    println!("  tunnel, log on tmpfs             {via_tmpfs:>9.1}   {:.3}× direct   (target ≥ 0.35×)", via_tmpfs / direct);
+    println!(
+        "  tunnel, log on tmpfs             {via_tmpfs:>9.1}   {:.3}× direct   (target ≥ 0.35×)",
+        via_tmpfs / direct
+    );
 
     println!();
-    println!("round trip, 64-byte request/response, {} samples (µs)", a.round_trips);
+    println!(
+        "round trip, 64-byte request/response, {} samples (µs)",
+        a.round_trips
+    );
     let (d50, d99) = latency(&targets.1, a.round_trips);
     let (t50, t99) = latency(&tmp.proxies[1].1, a.round_trips);
     println!("  direct                           p50 {d50:>7.1}   p99 {d99:>7.1}");
     println!("  tunnel (tmpfs)                   p50 {t50:>7.1}   p99 {t99:>7.1}");
-    println!("  added by the tunnel              p50 {:>7.1}   p99 {:>7.1}   (target added p50 ≤ 40 µs)", t50 - d50, t99 - d99);
+    println!(
+        "  added by the tunnel              p50 {:>7.1}   p99 {:>7.1}   (target added p50 ≤ 40 µs)",
+        t50 - d50,
+        t99 - d99
+    );
 
     println!();
     println!("memory with {} idle streams (RSS)", a.idle_streams);
@@ -275,9 +308,17 @@ fn main() {
     // Let every stream be accepted and dialled upstream.
     std::thread::sleep(Duration::from_secs(2));
     let (e1, c1) = (rss_kib(edge_pid), rss_kib(ctl_pid));
-    let per = |before: u64, after: u64| after.saturating_sub(before) as f64 * 1024.0 / a.idle_streams as f64 / 1000.0;
-    println!("  cloudtapd    {e0:>7} KiB → {e1:>7} KiB   {:>6.1} KB per stream   (target ≤ 32 KB)", per(e0, e1));
-    println!("  cloudtapctl  {c0:>7} KiB → {c1:>7} KiB   {:>6.1} KB per stream   (target ≤ 32 KB)", per(c0, c1));
+    let per = |before: u64, after: u64| {
+        after.saturating_sub(before) as f64 * 1024.0 / a.idle_streams as f64 / 1000.0
+    };
+    println!(
+        "  cloudtapd    {e0:>7} KiB → {e1:>7} KiB   {:>6.1} KB per stream   (target ≤ 32 KB)",
+        per(e0, e1)
+    );
+    println!(
+        "  cloudtapctl  {c0:>7} KiB → {c1:>7} KiB   {:>6.1} KB per stream   (target ≤ 32 KB)",
+        per(c0, c1)
+    );
     drop(held);
     drop(tmp);
 

@@ -332,7 +332,7 @@ async fn recover(state: &Arc<EdgeState>) -> Result<Position, EdgeError> {
 
 /// Follows the log for control records from any edge.
 async fn follow(state: Arc<EdgeState>, from: Position, shutdown: CancellationToken) {
-    let mut sub = state.log.subscribe(from);
+    let mut sub = state.log.subscribe_kinds(from, &["control"]);
     loop {
         let entry = tokio::select! {
             e = sub.next() => e,

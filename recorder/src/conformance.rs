@@ -33,6 +33,30 @@ where
     subscribe_sees_old_and_new(make().await).await;
     concurrent_appenders_keep_per_task_order(make().await).await;
     empty_batch_is_a_no_op(make().await).await;
+    subscribe_kinds_yields_only_those_kinds(make().await).await;
+}
+
+async fn subscribe_kinds_yields_only_those_kinds<L: EventLog>(log: Arc<L>) {
+    use cloudtap_schemas::{Control, ControlAction};
+    let mut w = ChainWriter::new(uuid::Uuid::now_v7());
+    let mut batch = records(&mut w, 3, "k");
+    let control = w.seal_now(Body::Control(Control {
+        action: ControlAction::Close,
+        subject: "s".into(),
+        reason: String::new(),
+        actor: "a".into(),
+    }));
+    batch.push(control.clone());
+    batch.extend(records(&mut w, 2, "k"));
+    log.append(batch).await.unwrap();
+    let mut sub = log.subscribe_kinds(Position::default(), &["control"]);
+    let got = next(&mut sub).await;
+    assert_eq!((got.position.offset, &got.record), (3, &control));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), sub.next())
+            .await
+            .is_err()
+    );
 }
 
 async fn append_then_read_back<L: EventLog>(log: Arc<L>) {

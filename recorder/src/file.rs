@@ -19,7 +19,7 @@ use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use cloudtap_schemas::{Record, decode_record, encode_record};
+use cloudtap_schemas::{Record, decode_record, encode_record_owned, peek_kind};
 
 use crate::segment::{SegmentConfig, SegmentLog, SegmentReader};
 use crate::{EventLog, LogEntry, LogError, Position};
@@ -147,13 +147,17 @@ fn writer_thread(
         // Write every batch of the group, remembering each one's last offset.
         let mut results: Vec<Result<u64, LogError>> = Vec::with_capacity(group.len());
         let mut failed = false;
-        for req in &group {
+        for req in &mut group {
             if failed {
                 results.push(Err(LogError::Closed));
                 continue;
             }
             encoded.clear();
-            encoded.extend(req.batch.iter().map(encode_record));
+            encoded.extend(
+                std::mem::take(&mut req.batch)
+                    .into_iter()
+                    .map(encode_record_owned),
+            );
             let refs: Vec<&[u8]> = encoded.iter().map(Vec::as_slice).collect();
             match log.append(&refs) {
                 Ok(range) => results.push(Ok(range.end.saturating_sub(1))),
@@ -201,23 +205,14 @@ fn writer_thread(
     }
 }
 
-impl EventLog for FileLog {
-    fn append(&self, batch: Vec<Record>) -> BoxFuture<'_, Result<Position, LogError>> {
-        async move {
-            if batch.is_empty() {
-                return Ok(self.end());
-            }
-            let (reply, rx) = oneshot::channel();
-            self.tx
-                .send(AppendReq { batch, reply })
-                .await
-                .map_err(|_| LogError::Closed)?;
-            rx.await.map_err(|_| LogError::Closed)?
-        }
-        .boxed()
-    }
-
-    fn subscribe(&self, from: Position) -> BoxStream<'static, Result<LogEntry, LogError>> {
+impl FileLog {
+    /// Reads durable records on a blocking thread; with `kinds`, records of other kinds
+    /// are skipped by their envelope's field number, without being decoded.
+    fn subscribe_filtered(
+        &self,
+        from: Position,
+        kinds: Option<&'static [&'static str]>,
+    ) -> BoxStream<'static, Result<LogEntry, LogError>> {
         let (tx, rx) = mpsc::channel::<Result<LogEntry, LogError>>(1024);
         let dir = self.dir.clone();
         let mut durable = self.durable.clone();
@@ -236,6 +231,12 @@ impl EventLog for FileLog {
                         }
                     };
                     for item in reader {
+                        if let (Ok((offset, bytes)), Some(kinds)) = (&item, kinds)
+                            && !peek_kind(bytes).is_some_and(|k| kinds.contains(&k))
+                        {
+                            next = offset + 1;
+                            continue;
+                        }
                         let entry = item.map_err(LogError::from).and_then(|(offset, bytes)| {
                             let position = Position {
                                 partition: 0,
@@ -268,6 +269,35 @@ impl EventLog for FileLog {
             }
         });
         tokio_stream_from(rx)
+    }
+}
+
+impl EventLog for FileLog {
+    fn append(&self, batch: Vec<Record>) -> BoxFuture<'_, Result<Position, LogError>> {
+        async move {
+            if batch.is_empty() {
+                return Ok(self.end());
+            }
+            let (reply, rx) = oneshot::channel();
+            self.tx
+                .send(AppendReq { batch, reply })
+                .await
+                .map_err(|_| LogError::Closed)?;
+            rx.await.map_err(|_| LogError::Closed)?
+        }
+        .boxed()
+    }
+
+    fn subscribe(&self, from: Position) -> BoxStream<'static, Result<LogEntry, LogError>> {
+        self.subscribe_filtered(from, None)
+    }
+
+    fn subscribe_kinds(
+        &self,
+        from: Position,
+        kinds: &'static [&'static str],
+    ) -> BoxStream<'static, Result<LogEntry, LogError>> {
+        self.subscribe_filtered(from, Some(kinds))
     }
 
     fn end(&self) -> Position {

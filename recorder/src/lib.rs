@@ -101,6 +101,25 @@ pub trait EventLog: Send + Sync + 'static {
     /// Every record from `from` on (inclusive), in order; waits for new records at the end.
     fn subscribe(&self, from: Position) -> BoxStream<'static, Result<LogEntry, LogError>>;
 
+    /// Like [`subscribe`](Self::subscribe), but yields only records of the given kinds
+    /// (`"control"`, `"session_opened"`, …). Backends that can tell a record's kind
+    /// without decoding it skip the others cheaply; the default filters after decoding.
+    fn subscribe_kinds(
+        &self,
+        from: Position,
+        kinds: &'static [&'static str],
+    ) -> BoxStream<'static, Result<LogEntry, LogError>> {
+        use futures::StreamExt;
+        self.subscribe(from)
+            .filter(move |e| {
+                let keep = e
+                    .as_ref()
+                    .map_or(true, |e| kinds.contains(&e.record.kind()));
+                futures::future::ready(keep)
+            })
+            .boxed()
+    }
+
     /// The position the next record will get (the end of the durable log).
     fn end(&self) -> Position;
 

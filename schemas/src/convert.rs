@@ -21,76 +21,76 @@ fn hash(field: &'static str, b: &[u8]) -> Result<[u8; 32], SchemaError> {
     })
 }
 
-impl From<&Record> for pb::Record {
-    fn from(r: &Record) -> Self {
+impl From<Record> for pb::Record {
+    fn from(r: Record) -> Self {
         use pb::record::Body as B;
-        let body = match &r.body {
+        let body = match r.body {
             Body::SessionOpened(b) => B::SessionOpened(pb::SessionOpened {
-                edge: b.edge.clone(),
+                edge: b.edge,
                 edge_chain_id: b.edge_chain_id.as_bytes().to_vec(),
-                identity: b.identity.clone(),
-                target: b.target.clone(),
-                upstream: b.upstream.clone(),
+                identity: b.identity,
+                target: b.target,
+                upstream: b.upstream,
                 client_cert_sha256: b.client_cert_sha256.clone(),
-                token_id: b.token_id.clone(),
-                on_log_backpressure: b.on_log_backpressure.clone(),
+                token_id: b.token_id,
+                on_log_backpressure: b.on_log_backpressure,
             }),
             Body::SessionClosed(b) => B::SessionClosed(pb::SessionClosed {
                 reason: b.reason.as_str().into(),
-                detail: b.detail.clone(),
+                detail: b.detail,
                 bytes_up: b.bytes_up,
                 bytes_down: b.bytes_down,
                 streams: b.streams,
             }),
             Body::StreamOpened(b) => B::StreamOpened(pb::StreamOpened {
                 stream_id: b.stream_id,
-                target: b.target.clone(),
-                protocol_hint: b.protocol_hint.clone(),
-                client_addr: b.client_addr.clone(),
-                upstream_addr: b.upstream_addr.clone(),
+                target: b.target,
+                protocol_hint: b.protocol_hint,
+                client_addr: b.client_addr,
+                upstream_addr: b.upstream_addr,
             }),
             Body::StreamClosed(b) => B::StreamClosed(pb::StreamClosed {
                 stream_id: b.stream_id,
                 bytes_up: b.bytes_up,
                 bytes_down: b.bytes_down,
-                error: b.error.clone(),
+                error: b.error,
             }),
             Body::Frame(b) => B::Frame(pb::Frame {
                 stream_id: b.stream_id,
                 direction: b.direction.as_str().into(),
                 offset: b.offset,
                 length: b.length,
-                payload: b.payload.clone(),
+                payload: b.payload,
             }),
             Body::Gap(b) => B::Gap(pb::Gap {
                 dropped_records: b.dropped_records,
                 dropped_bytes: b.dropped_bytes,
-                reason: b.reason.clone(),
+                reason: b.reason,
             }),
             Body::PolicyDecision(b) => B::PolicyDecision(pb::PolicyDecision {
-                identity: b.identity.clone(),
-                target: b.target.clone(),
-                action: b.action.clone(),
+                identity: b.identity,
+                target: b.target,
+                action: b.action,
                 allowed: b.allowed,
-                code: b.code.clone(),
-                reason: b.reason.clone(),
-                token_id: b.token_id.clone(),
+                code: b.code,
+                reason: b.reason,
+                token_id: b.token_id,
                 client_cert_sha256: b.client_cert_sha256.clone(),
             }),
             Body::Heartbeat(b) => B::Heartbeat(pb::Heartbeat {
-                edge: b.edge.clone(),
+                edge: b.edge,
                 open_sessions: b.open_sessions,
             }),
             Body::Control(b) => B::Control(pb::Control {
                 action: b.action.as_str().into(),
-                subject: b.subject.clone(),
-                reason: b.reason.clone(),
-                actor: b.actor.clone(),
+                subject: b.subject,
+                reason: b.reason,
+                actor: b.actor,
             }),
             Body::Audit(b) => B::Audit(pb::Audit {
-                actor: b.actor.clone(),
-                action: b.action.clone(),
-                detail: b.detail.clone(),
+                actor: b.actor,
+                action: b.action,
+                detail: b.detail,
             }),
         };
         pb::Record {
@@ -102,6 +102,12 @@ impl From<&Record> for pb::Record {
             schema_version: r.schema_version,
             body: Some(body),
         }
+    }
+}
+
+impl From<&Record> for pb::Record {
+    fn from(r: &Record) -> Self {
+        Self::from(r.clone())
     }
 }
 
@@ -206,6 +212,60 @@ pub fn encode_record(r: &Record) -> Vec<u8> {
     pb::Record::from(r).encode_to_vec()
 }
 
+/// Like [`encode_record`], moving the record's payload instead of copying it.
+pub fn encode_record_owned(r: Record) -> Vec<u8> {
+    pb::Record::from(r).encode_to_vec()
+}
+
+/// The record kind of encoded log bytes, read from the envelope's body field number
+/// without decoding (or copying) the body: lets a reader that wants only some kinds
+/// skip frames cheaply. `None` for bytes that are not a well-formed envelope.
+pub fn peek_kind(bytes: &[u8]) -> Option<&'static str> {
+    fn varint(b: &mut &[u8]) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&byte, rest) = b.split_first()?;
+            *b = rest;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    let mut b = bytes;
+    let mut kind = None;
+    while !b.is_empty() {
+        let key = varint(&mut b)?;
+        let (field, wire) = (key >> 3, key & 7);
+        let skip = match wire {
+            0 => {
+                varint(&mut b)?;
+                0
+            }
+            1 => 8,
+            2 => usize::try_from(varint(&mut b)?).ok()?,
+            5 => 4,
+            _ => return None,
+        };
+        b = b.get(skip..)?;
+        kind = match field {
+            10 => Some("session_opened"),
+            11 => Some("session_closed"),
+            12 => Some("stream_opened"),
+            13 => Some("stream_closed"),
+            14 => Some("frame"),
+            15 => Some("gap"),
+            16 => Some("policy_decision"),
+            17 => Some("heartbeat"),
+            18 => Some("control"),
+            19 => Some("audit"),
+            _ => kind,
+        };
+    }
+    kind
+}
+
 /// Decodes log bytes into a record (the hash is not checked here; see
 /// [`crate::verify_chain`]).
 pub fn decode_record(bytes: &[u8]) -> Result<Record, SchemaError> {
@@ -292,12 +352,16 @@ mod tests {
                 .map(|r| decode_record(&encode_record(r)).unwrap())
                 .collect();
             prop_assert_eq!(&decoded, &recs);
+            for r in &recs {
+                prop_assert_eq!(peek_kind(&encode_record(r)), Some(r.kind()));
+            }
             prop_assert!(crate::verify_chain(None, &decoded).is_ok());
         }
 
         #[test]
         fn decoding_garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = decode_record(&bytes);
+            let _ = peek_kind(&bytes);
         }
     }
 }

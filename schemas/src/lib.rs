@@ -16,7 +16,7 @@ mod convert;
 mod model;
 
 pub use canonical::{ZERO_HASH, canonical_encoding, compute_hash};
-pub use convert::{decode_record, encode_record};
+pub use convert::{decode_record, encode_record, encode_record_owned, peek_kind};
 pub use model::*;
 
 /// Version of the canonical encoding (and of the record schema). Bump it when a field
