@@ -139,11 +139,14 @@ impl Tunnel {
         );
         let (control, mut inbound, driver) = mux::spawn(conn, 1);
         let (notice_tx, notice) = tokio::sync::watch::channel(None);
+        let closer = control.clone();
         let notice_task = tokio::spawn(async move {
-            // The only stream the edge opens carries the reason it ends the session.
+            // The only stream the edge opens carries the reason it ends the session;
+            // the edge then waits for this side to close the connection.
             while let Some(mut s) = inbound.recv().await {
                 if let Ok(n) = read_msg::<_, TunnelNotice>(&mut s).await {
                     notice_tx.send_replace(Some(n));
+                    closer.close();
                 }
             }
         });

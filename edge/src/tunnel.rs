@@ -248,7 +248,12 @@ async fn run_session<S>(
             _ = shutdown.cancelled() => break (CloseReason::EdgeShutdown, "the edge is shutting down".to_string()),
         }
     };
-    // Tell the client why, so it knows whether reconnecting makes sense.
+    // Stop every stream, even those whose upstream never closes; each still writes
+    // its stream_closed record before the session's.
+    end.cancel();
+    // Tell the client why, so it knows whether reconnecting makes sense, and let the
+    // client close the connection: closing it from this side while the client's last
+    // frames sit unread makes the kernel send RST, and the client would lose the notice.
     if !matches!(reason, CloseReason::ClientGone) {
         let notice = TunnelNotice {
             reason: reason.as_str().into(),
@@ -261,13 +266,13 @@ async fn run_session<S>(
             }
         })
         .await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), &mut driver).await;
     }
-    // Close the connection (GoAway) and stop every stream, even those whose upstream
-    // never closes; each still writes its stream_closed record before the session's.
-    control.close();
-    end.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(2), &mut driver).await;
-    driver.abort();
+    if !driver.is_finished() {
+        control.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), &mut driver).await;
+        driver.abort();
+    }
     streams.close();
     if tokio::time::timeout(Duration::from_secs(5), streams.wait())
         .await

@@ -283,11 +283,11 @@ async fn revoked_user_token_cannot_open_tunnels() {
 async fn renewal_keeps_a_tunnel_alive_across_expiry_and_its_absence_ends_it() {
     let up = echo_upstream().await;
     let mut cfg = config(&[("echo", up)]);
-    cfg.tokens.session_ttl_secs = 3;
+    cfg.tokens.session_ttl_secs = 4;
     let edge = TestEdge::start(cfg).await;
     let (mut tunnel, open, _) = edge.tunnel(&edge.admin_tls(), "echo").await;
     let first_expiry = open.expires_unix;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
     let renewed = edge
         .grpc()
         .await
@@ -301,11 +301,13 @@ async fn renewal_keeps_a_tunnel_alive_across_expiry_and_its_absence_ends_it() {
         .unwrap()
         .into_inner();
     assert!(renewed.expires_unix > first_expiry);
-    // Past the first token's expiry, the tunnel still carries traffic.
-    while now_unix() <= first_expiry {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    // Token times are whole seconds and a token is expired once now >= exp: from the
+    // second `first_expiry` on, the first token is dead and the renewed one (at least
+    // a second younger) carries the tunnel.
+    assert!(renewed.expires_unix > first_expiry);
+    while now_unix() < first_expiry {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
     echo_once(&tunnel).await;
     // An expired session token cannot renew.
     tokio::time::timeout(Duration::from_secs(20), tunnel.closed())
