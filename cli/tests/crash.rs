@@ -19,7 +19,8 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TAP_CAPACITY: usize = 64;
-const CHUNK: usize = 16 * 1024;
+/// The edge's largest read, so the largest frame (edge/src/tunnel.rs).
+const CHUNK: usize = 64 * 1024;
 
 /// An upstream that streams deterministic bytes until the connection breaks.
 fn firehose() -> String {

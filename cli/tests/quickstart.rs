@@ -151,3 +151,70 @@ fn wait_exit(child: &mut std::process::Child, limit: Duration) -> Option<i32> {
     let _ = child.kill();
     None
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn proxy_reconnects_on_the_same_local_port_after_the_edge_restarts() {
+    let data = tempfile::tempdir().unwrap();
+    let ports: Vec<String> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    let fixed = [
+        "--grpc-addr",
+        &ports[0],
+        "--http-addr",
+        &ports[1],
+        "--tunnel-addr",
+        &ports[2],
+    ];
+    let d = Daemon::start("all", data.path(), &fixed);
+    let mut proxy = cloudtapctl(data.path())
+        .args(["-o", "json", "proxy", "demo-service"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(proxy.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let local = serde_json::from_str::<serde_json::Value>(&line).unwrap()["local_addr"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(http_get(&local, "/").contains("hello from cloudtap"));
+    let mut err = BufReader::new(proxy.stderr.take().unwrap());
+
+    d.stop();
+    let mut said = String::new();
+    err.read_line(&mut said).unwrap();
+    assert!(
+        said.contains("tunnel dropped (edge_shutdown); reconnecting"),
+        "{said}"
+    );
+    let d = Daemon::start("all", data.path(), &fixed);
+    // The proxy keeps its port and comes back by itself.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut l = String::new();
+        err.read_line(&mut l).unwrap();
+        if l.contains("tunnel re-established") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline && !l.is_empty(),
+            "proxy did not reconnect: {l}"
+        );
+    }
+    assert!(http_get(&local, "/").contains("hello from cloudtap"));
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+    d.stop();
+}

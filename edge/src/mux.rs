@@ -27,6 +27,8 @@ pub fn config(limits: &Limits) -> yamux::Config {
     let mut cfg = yamux::Config::default();
     cfg.set_max_num_streams(limits.max_streams_per_tunnel);
     cfg.set_max_connection_receive_window(Some(limits.connection_window_bytes));
+    // One yamux data frame per forwarded chunk instead of four 16 KiB ones.
+    cfg.set_split_send_size(crate::tunnel::CHUNK);
     cfg
 }
 

@@ -270,3 +270,103 @@ async fn shutdown_closes_sessions_with_edge_shutdown_and_restart_closes_leftover
         other => panic!("last record is {other:?}"),
     }
 }
+
+/// A TLS echo server with a certificate for `localhost` from `ca`.
+async fn tls_echo_upstream(ca: &cloudtap_edge::pki::Ca) -> String {
+    use rustls_pki_types::pem::PemObject;
+    let issued = ca.issue_server(&["localhost"]).unwrap();
+    let certs: Vec<_> =
+        rustls_pki_types::CertificateDer::pem_slice_iter(issued.cert_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).unwrap();
+    let cfg = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(tls) = acceptor.accept(s).await {
+                    let (mut r, mut w) = tokio::io::split(tls);
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                }
+            });
+        }
+    });
+    format!("localhost:{port}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_originates_tls_to_https_upstreams_and_records_plaintext() {
+    let staging_ca = cloudtap_edge::pki::generate_ca("staging CA").unwrap();
+    let other_ca = cloudtap_edge::pki::generate_ca("some other CA").unwrap();
+    let upstream = tls_echo_upstream(&staging_ca).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (good_ca, bad_ca) = (dir.path().join("staging.pem"), dir.path().join("other.pem"));
+    std::fs::write(&good_ca, &staging_ca.cert_pem).unwrap();
+    std::fs::write(&bad_ca, &other_ca.cert_pem).unwrap();
+    let mut cfg = config(&[("https", upstream.clone()), ("https-wrong-ca", upstream)]);
+    cfg.targets[0].tls = Some(cloudtap_edge::config::UpstreamTls {
+        sni: Some("localhost".into()),
+        ca: Some(good_ca),
+        insecure_skip_verify: false,
+    });
+    cfg.targets[1].tls = Some(cloudtap_edge::config::UpstreamTls {
+        sni: None,
+        ca: Some(bad_ca),
+        insecure_skip_verify: false,
+    });
+    let edge = TestEdge::start(cfg).await;
+
+    let (tunnel, open, _) = edge.tunnel(&edge.admin_tls(), "https").await;
+    let mut s = tunnel.open_stream("t").await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut buf = [0u8; 18];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"GET / HTTP/1.1\r\n\r\n");
+    let session: uuid::Uuid = open.session_id.parse().unwrap();
+    edge.wait_record("plaintext frame", |r| {
+        r.chain_id == session
+            && matches!(&r.body, Body::Frame(f) if f.payload.as_deref() == Some(&b"GET / HTTP/1.1\r\n\r\n"[..]))
+    })
+    .await;
+
+    let (tunnel, _, _) = edge.tunnel(&edge.admin_tls(), "https-wrong-ca").await;
+    let e = tunnel.open_stream("t").await.unwrap_err();
+    let (code, msg) = refused(&e);
+    assert_eq!(code, "upstream_unreachable");
+    assert!(msg.contains("TLS handshake failed"), "{msg}");
+    edge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_are_written_and_the_tunnel_limit_is_enforced() {
+    let (upstream, _) = bulk_upstream(16).await;
+    let mut cfg = config(&[("t", upstream)]);
+    cfg.limits.heartbeat_secs = 1;
+    cfg.limits.max_tunnels = 1;
+    let edge = TestEdge::start(cfg).await;
+    edge.wait_record("a heartbeat", |r| matches!(r.body, Body::Heartbeat(_)))
+        .await;
+    let (_tunnel, _, token) = edge.tunnel(&edge.admin_tls(), "t").await;
+    let e = edge.open(&token, "t").await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+    assert!(
+        e.message().contains("maximum of 1 tunnels"),
+        "{}",
+        e.message()
+    );
+    edge.wait_refusal("too_many_tunnels").await;
+    edge.stop().await;
+}

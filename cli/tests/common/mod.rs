@@ -32,16 +32,22 @@ impl Daemon {
     /// Starts `cloudtapd ROLE` on loopback port 0 and waits until it says it is ready.
     pub fn start(role: &str, data_dir: &Path, extra: &[&str]) -> Daemon {
         let _ = std::fs::remove_file(data_dir.join("endpoints.json"));
-        let mut child = cloudtapd()
-            .arg(role)
-            .args([
+        // Port 0 everywhere unless the caller fixes the addresses (restart tests).
+        let ports: &[&str] = if extra.contains(&"--grpc-addr") {
+            &[]
+        } else {
+            &[
                 "--grpc-addr",
                 "127.0.0.1:0",
                 "--http-addr",
                 "127.0.0.1:0",
                 "--tunnel-addr",
                 "127.0.0.1:0",
-            ])
+            ]
+        };
+        let mut child = cloudtapd()
+            .arg(role)
+            .args(ports)
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
