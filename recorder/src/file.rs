@@ -220,17 +220,26 @@ impl FileLog {
         tokio::task::spawn_blocking(move || {
             // Retention may have removed the start; begin at the oldest record kept.
             let mut next = from.offset.max(first_offset(&dir));
+            // One reader for the whole subscription: it keeps its file and position,
+            // and is only told how far the durable end has moved.
+            let mut reader: Option<SegmentReader> = None;
             loop {
                 let end = *durable.borrow_and_update();
                 if next < end {
-                    let reader = match SegmentReader::open(&dir, next, end) {
-                        Ok(r) => r,
-                        Err(e) => {
-                            let _ = tx.blocking_send(Err(e.into()));
-                            return;
+                    let r = match &mut reader {
+                        Some(r) => {
+                            r.extend_end(end);
+                            r
                         }
+                        None => match SegmentReader::open(&dir, next, end) {
+                            Ok(r) => reader.insert(r),
+                            Err(e) => {
+                                let _ = tx.blocking_send(Err(e.into()));
+                                return;
+                            }
+                        },
                     };
-                    for item in reader {
+                    for item in r.by_ref() {
                         if let (Ok((offset, bytes)), Some(kinds)) = (&item, kinds)
                             && !peek_kind(bytes).is_some_and(|k| kinds.contains(&k))
                         {
@@ -253,6 +262,11 @@ impl FileLog {
                         if tx.blocking_send(entry).is_err() || stop {
                             return;
                         }
+                    }
+                    if next < end {
+                        // The reader stopped short of the durable end: it failed and
+                        // reported why; start over from where it stopped.
+                        reader = None;
                     }
                     continue;
                 }

@@ -851,6 +851,32 @@ impl SegmentReader {
         Ok(reader)
     }
 
+    /// Lets the reader go on up to a later `end` (the writer's new durable end), so a
+    /// tailing reader keeps its open file and position instead of reopening and
+    /// re-reading the index on every append. The log only grows, so bytes already
+    /// buffered past the old end are the bytes that now lie before the new one.
+    pub fn extend_end(&mut self, end: u64) {
+        self.end = self.end.max(end);
+        if self.failed {
+            return;
+        }
+        // A reader opened empty (from >= end) never opened its segment.
+        if self.current.is_none() && self.next < self.end && self.next == self.from {
+            match list_segments(&self.dir).map(|bases| {
+                bases
+                    .iter()
+                    .rposition(|&b| b <= self.next)
+                    .map(|i| bases[i])
+            }) {
+                Ok(Some(base)) => match self.open_segment(base) {
+                    Ok(seg) => self.current = Some(seg),
+                    Err(_) => self.failed = true,
+                },
+                _ => self.failed = true,
+            }
+        }
+    }
+
     /// Opens segment `base` positioned at the last index point at or before `self.next`
     /// (a valid one: a stale point is ignored and the segment read from its start).
     fn open_segment(&mut self, base: u64) -> Result<ReadSegment, SegmentError> {
@@ -1153,6 +1179,28 @@ mod tests {
             .map(|e| e.metadata().unwrap().len())
             .sum();
         assert_eq!(log.disk_bytes(), on_disk);
+    }
+
+    #[test]
+    fn one_reader_follows_the_writer_with_extend_end() {
+        let dir = temp_dir();
+        let (mut log, _) = SegmentLog::open(config(dir.path(), 512, 64)).unwrap();
+        let entries = payloads(300);
+        // Opened before anything exists (from == end), then only ever extended,
+        // across segment rolls.
+        let mut reader = SegmentReader::open(dir.path(), 0, 0).unwrap();
+        assert!(reader.next().is_none());
+        let mut next = 0u64;
+        for chunk in entries.chunks(7) {
+            append_all(&mut log, chunk, 7);
+            reader.extend_end(log.next_offset());
+            for item in reader.by_ref() {
+                let (offset, payload) = item.unwrap();
+                assert_eq!((offset, &payload), (next, &entries[next as usize]));
+                next += 1;
+            }
+        }
+        assert_eq!(next, 300);
     }
 
     #[test]
