@@ -412,14 +412,7 @@ impl Control {
                     r.into_inner()
                         .targets
                         .into_iter()
-                        .map(|t| cloudtap_edge::http::TargetInfo {
-                            name: t.name,
-                            upstream: t.upstream,
-                            upstream_tls: t.upstream_tls,
-                            allowed: t.allowed,
-                            on_log_backpressure: t.on_log_backpressure,
-                            live_sessions: t.live_sessions,
-                        })
+                        .map(cloudtap_edge::http::TargetInfo::from)
                         .collect()
                 })
                 .map_err(status_error),

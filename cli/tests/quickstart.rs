@@ -214,7 +214,29 @@ fn proxy_reconnects_on_the_same_local_port_after_the_edge_restarts() {
         );
     }
     assert!(http_get(&local, "/").contains("hello from cloudtap"));
-    let _ = proxy.kill();
-    let _ = proxy.wait();
+
+    // Ctrl-C closes the tunnel cleanly: exit 0, and the edge no longer holds it.
+    std::process::Command::new("kill")
+        .args(["-INT", &proxy.id().to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(wait_exit(&mut proxy, Duration::from_secs(20)), Some(0));
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    assert!(rest.contains("tunnel closed"), "{rest}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, out, stderr) =
+            run(cloudtapctl(data.path()).args(["-o", "json", "list-targets"]));
+        assert_eq!(code, 0, "{stderr}");
+        if serde_json::from_str::<serde_json::Value>(&out).unwrap()[0]["live_sessions"] == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the session was not closed after Ctrl-C: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     d.stop();
 }

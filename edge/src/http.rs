@@ -227,6 +227,19 @@ pub struct TargetInfo {
     pub live_sessions: u32,
 }
 
+impl From<pb::Target> for TargetInfo {
+    fn from(t: pb::Target) -> Self {
+        Self {
+            name: t.name,
+            upstream: t.upstream,
+            upstream_tls: t.upstream_tls,
+            allowed: t.allowed,
+            on_log_backpressure: t.on_log_backpressure,
+            live_sessions: t.live_sessions,
+        }
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct TargetsReply {
     pub targets: Vec<TargetInfo>,
@@ -238,18 +251,7 @@ async fn targets(
 ) -> Result<Json<TargetsReply>, ApiFailure> {
     let r = s.list_targets(&caller(&headers)).await?;
     Ok(Json(TargetsReply {
-        targets: r
-            .targets
-            .into_iter()
-            .map(|t| TargetInfo {
-                name: t.name,
-                upstream: t.upstream,
-                upstream_tls: t.upstream_tls,
-                allowed: t.allowed,
-                on_log_backpressure: t.on_log_backpressure,
-                live_sessions: t.live_sessions,
-            })
-            .collect(),
+        targets: r.targets.into_iter().map(TargetInfo::from).collect(),
     }))
 }
 

@@ -1,5 +1,5 @@
 //! `cloudtapctl`: parses flags and runs the command. Exit codes: 0 success, 1 the
-//! command found what it exists to detect, 2 any other error.
+//! command found what it exists to detect, 2 any other error (usage errors included).
 
 use clap::Parser;
 
@@ -11,22 +11,5 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CLOUDTAP_LOG_LEVEL")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    match rt.block_on(cloudtap_cli::ctl::main(cli)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("cloudtapctl: {e:#}");
-            std::process::ExitCode::from(2)
-        }
-    }
+    cloudtap_cli::run_main("cloudtapctl", "warn", cloudtap_cli::ctl::main(cli))
 }
