@@ -308,15 +308,6 @@ impl EdgeState {
                     ),
                 ));
             }
-            if self.sessions.len() >= self.cfg.limits.max_tunnels {
-                return Err(Refusal::new(
-                    "too_many_tunnels",
-                    format!(
-                        "this edge holds its maximum of {} tunnels; retry later",
-                        self.cfg.limits.max_tunnels
-                    ),
-                ));
-            }
             Ok(t.on_log_backpressure)
         };
         let backpressure = match check() {
@@ -346,7 +337,28 @@ impl EdgeState {
             issued.token_id.clone(),
             issued.expires_unix,
         ));
-        self.sessions.insert(session.clone());
+        if !self
+            .sessions
+            .insert_below(session.clone(), self.cfg.limits.max_tunnels)
+        {
+            let r = Refusal::new(
+                "too_many_tunnels",
+                format!(
+                    "this edge holds its maximum of {} tunnels; retry later",
+                    self.cfg.limits.max_tunnels
+                ),
+            );
+            self.decision(
+                "open_tunnel",
+                &claims.sub,
+                target,
+                Err(&r),
+                &claims.jti,
+                &cert,
+            )
+            .await;
+            return Err(r);
+        }
         self.decision(
             "open_tunnel",
             &claims.sub,
@@ -361,10 +373,8 @@ impl EdgeState {
         let grace = self.cfg.limits.handshake_timeout() * 6;
         tokio::spawn(async move {
             tokio::time::sleep(grace).await;
-            if let Some(state) = state.upgrade()
-                && !session.attached.load(Ordering::Acquire)
-            {
-                state.sessions.remove(&session.id);
+            if let Some(state) = state.upgrade() {
+                state.sessions.remove_if_unattached(&session.id);
             }
         });
         Ok(pb::OpenTunnelResponse {
@@ -406,25 +416,27 @@ impl EdgeState {
         let result = (|| {
             let claims = self.check_token(token, TokenKind::Session, Some(cert))?;
             if claims.cnf.is_none() {
-                return Err(TokenError::WrongCertificate.into());
-            }
-            let session = claims
-                .sid
-                .as_deref()
-                .and_then(|s| Uuid::parse_str(s).ok())
-                .and_then(|id| self.sessions.get(&id))
-                .ok_or_else(|| {
-                    Refusal::new(
-                        "unknown_session",
-                        "the session is gone (closed or never attached in time); open a new tunnel",
-                    )
-                })?;
-            if session.identity != identity || session.attached.swap(true, Ordering::AcqRel) {
                 return Err(Refusal::new(
-                    "forbidden",
-                    "this session is already attached or belongs to someone else",
+                    "token_unbound",
+                    "this token is not bound to a client certificate, and tunnels need one: use a token from `cloudtapctl login`, or issue one with `token issue --cert-sha256 <sha256 of the certificate>`",
                 ));
             }
+            let id = claims.sid.as_deref().and_then(|s| Uuid::parse_str(s).ok());
+            let session = match id.map(|id| self.sessions.claim(&id, identity)) {
+                Some(Ok(s)) => s,
+                Some(Err(crate::session::ClaimError::Taken)) => {
+                    return Err(Refusal::new(
+                        "forbidden",
+                        "this session is already attached or belongs to someone else",
+                    ));
+                }
+                _ => {
+                    return Err(Refusal::new(
+                        "unknown_session",
+                        "the session is gone (closed, revoked or never attached in time); open a new tunnel",
+                    ));
+                }
+            };
             Ok((claims, session))
         })();
         match result {
@@ -477,6 +489,13 @@ impl EdgeState {
                         "no live session with that id for this token",
                     )
                 })?;
+            if now_unix() >= session.cert_not_after.load(Ordering::Acquire) {
+                session.request_close(CloseReason::Policy, "the client certificate expired");
+                return Err(Refusal::new(
+                    "certificate_expired",
+                    "your client certificate has expired; get a new one, then open a new tunnel",
+                ));
+            }
             if !self.policy.allows(&claims.sub, &session.target) {
                 session.request_close(CloseReason::Policy, "policy no longer allows this target");
                 return Err(Refusal::new(
@@ -594,19 +613,33 @@ impl EdgeState {
         req: pb::IssueTokenRequest,
     ) -> Result<pb::IssueTokenResponse, Refusal> {
         let admin = self.require_admin(caller, "issue_token").await?;
-        if req.subject.is_empty() {
-            return Err(Refusal::new("bad_request", "a subject is required"));
-        }
         let ttl = if req.ttl_seconds == 0 {
             self.cfg.tokens.user_ttl_secs
         } else {
             req.ttl_seconds
         };
-        if ttl > self.cfg.tokens.max_ttl_secs {
-            return Err(Refusal::new(
+        let cert = req.cert_sha256.trim().to_ascii_lowercase();
+        let bad = if req.subject.is_empty() {
+            Some(Refusal::new("bad_request", "a subject is required"))
+        } else if ttl > self.cfg.tokens.max_ttl_secs {
+            Some(Refusal::new(
                 "ttl_too_long",
                 format!("a token may live at most {}s", self.cfg.tokens.max_ttl_secs),
-            ));
+            ))
+        } else if !cert.is_empty()
+            && (cert.len() != 64 || !cert.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            Some(Refusal::new(
+                "bad_request",
+                "--cert-sha256 must be the 64 hex digits of the certificate's SHA-256",
+            ))
+        } else {
+            None
+        };
+        if let Some(r) = bad {
+            self.decision("issue_token", &admin.sub, "", Err(&r), &admin.jti, "")
+                .await;
+            return Err(r);
         }
         let issued = self.sign(
             Claims {
@@ -619,7 +652,7 @@ impl EdgeState {
                     req.targets
                 },
                 roles: req.roles,
-                cnf: (!req.cert_sha256.is_empty()).then_some(req.cert_sha256),
+                cnf: (!cert.is_empty()).then_some(cert),
                 sid: None,
                 parent: None,
                 iat: 0,
@@ -650,12 +683,21 @@ impl EdgeState {
         reason: &str,
     ) -> Result<pb::RevokeTokenResponse, Refusal> {
         let admin = self.require_admin(caller, "revoke_token").await?;
-        if Uuid::parse_str(token_id).is_err() {
-            return Err(Refusal::new(
-                "bad_request",
-                format!("{token_id:?} is not a token id (a UUID)"),
-            ));
-        }
+        // Token ids are compared as strings everywhere: use the canonical form, so an
+        // upper-case or hyphen-less spelling revokes the same token.
+        let token_id = match Uuid::parse_str(token_id) {
+            Ok(id) => id.to_string(),
+            Err(_) => {
+                let r = Refusal::new(
+                    "bad_request",
+                    format!("{token_id:?} is not a token id (a UUID)"),
+                );
+                self.decision("revoke_token", &admin.sub, "", Err(&r), &admin.jti, "")
+                    .await;
+                return Err(r);
+            }
+        };
+        let token_id = token_id.as_str();
         let affected: Vec<String> = self
             .sessions
             .all()
@@ -680,16 +722,17 @@ impl EdgeState {
     pub(crate) fn apply_control(&self, c: &Control) {
         match c.action {
             ControlAction::Revoke => {
+                let subject = canonical_id(&c.subject);
                 self.revoked
                     .lock()
                     .expect("revocations poisoned")
-                    .insert(c.subject.clone());
+                    .insert(subject.clone());
                 for s in self.sessions.all() {
-                    if s.uses_token(&c.subject) {
+                    if s.uses_token(&subject) {
                         self.end_session(
                             &s,
                             CloseReason::Revoked,
-                            format!("token {} revoked by {}", c.subject, c.actor),
+                            format!("token {subject} revoked by {}", c.actor),
                         );
                     }
                 }
@@ -706,8 +749,13 @@ impl EdgeState {
     /// record); one never attached is simply forgotten, so it cannot attach later.
     fn end_session(&self, s: &Session, reason: CloseReason, detail: String) {
         s.request_close(reason, detail);
-        if !s.attached.load(Ordering::Acquire) {
-            self.sessions.remove(&s.id);
-        }
+        self.sessions.remove_if_unattached(&s.id);
     }
+}
+
+/// A token id in the canonical UUID spelling (records from other writers may differ).
+pub(crate) fn canonical_id(id: &str) -> String {
+    Uuid::parse_str(id)
+        .map(|u| u.to_string())
+        .unwrap_or_else(|_| id.to_string())
 }

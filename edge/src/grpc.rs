@@ -148,14 +148,47 @@ impl EdgeState {
         caller: &Caller,
         filter: pb::WatchEventsRequest,
     ) -> Result<tokio::sync::mpsc::Receiver<pb::Event>, Refusal> {
-        let subject = self.authenticate(caller, "watch_events", "").await?.sub;
+        let claims = self.authenticate(caller, "watch_events", "").await?;
+        let subject = claims.sub.clone();
+        // Reading live traffic is itself audited.
+        self.edge_record(cloudtap_schemas::Body::Audit(cloudtap_schemas::Audit {
+            actor: subject.clone(),
+            action: "watch_events".into(),
+            detail: format!(
+                "session={:?} target={:?} kinds={:?}",
+                filter.session_id, filter.target, filter.kinds
+            ),
+        }))
+        .await;
+        // The watch lives as long as the token that opened it.
+        let expires =
+            std::time::Duration::from_secs((claims.exp - crate::token::now_unix()).max(0) as u64);
+        let token_ids = [
+            claims.jti.clone(),
+            claims.parent.clone().unwrap_or_default(),
+        ];
+        let weak = self.weak.clone();
         let admin = self.policy.is_admin(&subject);
         let mut live = self.tap.subscribe_live();
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let policy = self.policy.clone();
         tokio::spawn(async move {
+            let deadline = tokio::time::sleep(expires);
+            tokio::pin!(deadline);
             loop {
-                let rec = match live.recv().await {
+                let next = tokio::select! {
+                    r = live.recv() => r,
+                    // The watcher went away: stop, even if no event matches for hours.
+                    _ = tx.closed() => return,
+                    _ = &mut deadline => return,
+                };
+                let revoked = weak
+                    .upgrade()
+                    .is_none_or(|s| token_ids.iter().any(|t| !t.is_empty() && s.is_revoked(t)));
+                if revoked {
+                    return;
+                }
+                let rec = match next {
                     Ok(r) => r,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         tracing::warn!(

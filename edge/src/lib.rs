@@ -82,6 +82,8 @@ pub struct EdgeState {
     pub(crate) tunnel_addr: String,
     pub(crate) metrics: Metrics,
     pub(crate) shutting_down: CancellationToken,
+    /// Set while the control-record follower is not reading the log.
+    pub(crate) follow_failed: std::sync::atomic::AtomicBool,
     pub(crate) weak: Weak<EdgeState>,
     upstream_tls: Mutex<HashMap<String, tokio_rustls::TlsConnector>>,
 }
@@ -132,6 +134,12 @@ impl EdgeState {
                     "traffic log {} failed; see the edge's log",
                     self.log.describe()
                 ),
+            );
+        }
+        if self.follow_failed.load(Ordering::Acquire) {
+            return (
+                false,
+                "not following the traffic log: revocations and closes may not apply; see the edge's log".into(),
             );
         }
         if self.shutting_down.is_cancelled() {
@@ -198,6 +206,7 @@ pub async fn run(
         tunnel_addr: tunnel_local.to_string(),
         metrics: Metrics::default(),
         shutting_down: CancellationToken::new(),
+        follow_failed: Default::default(),
         weak: weak.clone(),
         upstream_tls: Mutex::default(),
         cfg,
@@ -291,7 +300,7 @@ async fn recover(state: &Arc<EdgeState>) -> Result<Position, EdgeError> {
                     .revoked
                     .lock()
                     .expect("revocations poisoned")
-                    .insert(c.subject.clone());
+                    .insert(control::canonical_id(&c.subject));
             }
             _ => {
                 if let Some(last) = open.get_mut(&r.chain_id) {
@@ -331,24 +340,43 @@ async fn recover(state: &Arc<EdgeState>) -> Result<Position, EdgeError> {
 }
 
 /// Follows the log for control records from any edge.
+/// Follows the log for control records from any edge. A failed subscription is
+/// retried (after 1 s) from just after the last record applied; meanwhile `/healthz`
+/// reports the edge degraded, since revocations and closes may not apply.
 async fn follow(state: Arc<EdgeState>, from: Position, shutdown: CancellationToken) {
-    let mut sub = state.log.subscribe_kinds(from, &["control"]);
+    let mut next = from;
     loop {
-        let entry = tokio::select! {
-            e = sub.next() => e,
-            _ = shutdown.cancelled() => return,
-        };
-        match entry {
-            Some(Ok(e)) => {
-                if let Body::Control(c) = &e.record.body {
-                    state.apply_control(c);
+        let mut sub = state.log.subscribe_kinds(next, &["control"]);
+        loop {
+            let entry = tokio::select! {
+                e = sub.next() => e,
+                _ = shutdown.cancelled() => return,
+            };
+            match entry {
+                Some(Ok(e)) => {
+                    state.follow_failed.store(false, Ordering::Release);
+                    next = Position {
+                        partition: e.position.partition,
+                        offset: e.position.offset + 1,
+                    };
+                    if let Body::Control(c) = &e.record.body {
+                        state.apply_control(c);
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, "following the traffic log failed; retrying in 1 s");
+                    break;
+                }
+                None => {
+                    tracing::error!("the traffic log subscription ended; retrying in 1 s");
+                    break;
                 }
             }
-            Some(Err(e)) => {
-                tracing::error!(error = %e, "following the traffic log failed; revocations and closes from the log stop applying");
-                return;
-            }
-            None => return,
+        }
+        state.follow_failed.store(true, Ordering::Release);
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.cancelled() => return,
         }
     }
 }

@@ -345,6 +345,12 @@ pub fn insecure_verifier(
     Arc::new(NoVerify(provider))
 }
 
+/// The certificate's notAfter, in seconds since the Unix epoch.
+pub fn not_after(der: &[u8]) -> Option<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
 #[derive(Debug)]
 struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
 

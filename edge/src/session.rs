@@ -27,6 +27,9 @@ pub struct Session {
     token: watch::Sender<(String, i64)>,
     close: watch::Sender<Option<(CloseReason, String)>>,
     pub attached: AtomicBool,
+    /// notAfter (unix seconds) of the client certificate that attached; renewals are
+    /// refused once it has passed.
+    pub cert_not_after: std::sync::atomic::AtomicI64,
     pub gaps: Arc<GapCounter>,
     pub bytes_up: AtomicU64,
     pub bytes_down: AtomicU64,
@@ -55,6 +58,7 @@ impl Session {
             token: watch::Sender::new((token_id, expires_unix)),
             close: watch::Sender::new(None),
             attached: AtomicBool::new(false),
+            cert_not_after: std::sync::atomic::AtomicI64::new(i64::MAX),
             gaps: Arc::default(),
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
@@ -98,6 +102,15 @@ impl Session {
     }
 }
 
+/// Why a session could not be attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimError {
+    /// Closed, revoked, or never attached in time.
+    Gone,
+    /// Already attached, or opened by another identity.
+    Taken,
+}
+
 /// The registry of this edge's sessions.
 #[derive(Debug, Default)]
 pub struct Sessions {
@@ -105,8 +118,39 @@ pub struct Sessions {
 }
 
 impl Sessions {
-    pub fn insert(&self, s: Arc<Session>) {
-        self.lock().insert(s.id, s);
+    /// Adds a session unless the edge already holds `max`; the check and the insert
+    /// happen under one lock, so concurrent opens cannot overshoot.
+    pub fn insert_below(&self, s: Arc<Session>, max: usize) -> bool {
+        let mut map = self.lock();
+        if map.len() >= max {
+            return false;
+        }
+        map.insert(s.id, s);
+        true
+    }
+
+    /// Marks a pending session attached, under the registry lock, so a concurrent
+    /// close or the never-attached cleanup either sees it attached (and lets its task
+    /// write the closing record) or removed it first (and the attach fails).
+    pub fn claim(&self, id: &Uuid, identity: &str) -> Result<Arc<Session>, ClaimError> {
+        let map = self.lock();
+        let s = map.get(id).ok_or(ClaimError::Gone)?;
+        if s.identity != identity || s.attached.swap(true, Ordering::AcqRel) {
+            return Err(ClaimError::Taken);
+        }
+        Ok(s.clone())
+    }
+
+    /// Forgets a session that never attached; false when it is attached (or gone).
+    pub fn remove_if_unattached(&self, id: &Uuid) -> bool {
+        let mut map = self.lock();
+        match map.get(id) {
+            Some(s) if !s.attached.load(Ordering::Acquire) => {
+                map.remove(id);
+                true
+            }
+            _ => false,
+        }
     }
 
     pub fn get(&self, id: &Uuid) -> Option<Arc<Session>> {

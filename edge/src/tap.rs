@@ -150,6 +150,12 @@ impl Tap {
         mode: Backpressure,
         gaps: &GapCounter,
     ) -> Result<(), TapError> {
+        // Once an append failed, nothing more can be recorded faithfully (the chains
+        // may have holes): every mode refuses, so forwarding stops instead of carrying
+        // traffic that is not captured.
+        if self.stats.failed.load(Ordering::Acquire) {
+            return Err(TapError::Log("an earlier append failed".into()));
+        }
         let ts = now_unix_nanos();
         match mode {
             Backpressure::Block => self
@@ -291,8 +297,14 @@ async fn appender(
                     if let Body::Frame(f) = &body {
                         bytes += f.length as usize;
                     }
+                    let closes = matches!(body, Body::SessionClosed(_));
                     batch.push(state.writer.seal(ts, body));
                     metas.push(state.meta.clone());
+                    if closes {
+                        // Nothing may follow a session's last record: a late stream
+                        // record is dropped (and logged) rather than sealed after it.
+                        chains.remove(&chain);
+                    }
                     if let Some(a) = ack {
                         acks.push(a);
                     }
@@ -372,6 +384,71 @@ mod tests {
             length: 1,
             payload: Some(vec![i as u8]),
         })
+    }
+
+    /// A log whose appends always fail (a dead disk).
+    struct FailingLog;
+
+    impl EventLog for FailingLog {
+        fn append(
+            &self,
+            _: Vec<Record>,
+        ) -> futures::future::BoxFuture<
+            '_,
+            Result<cloudtap_recorder::Position, cloudtap_recorder::LogError>,
+        > {
+            Box::pin(async { Err(cloudtap_recorder::LogError::Closed) })
+        }
+        fn subscribe(
+            &self,
+            _: cloudtap_recorder::Position,
+        ) -> futures::stream::BoxStream<
+            'static,
+            Result<cloudtap_recorder::LogEntry, cloudtap_recorder::LogError>,
+        > {
+            Box::pin(futures::stream::empty())
+        }
+        fn end(&self) -> cloudtap_recorder::Position {
+            Default::default()
+        }
+        fn read_chain(
+            &self,
+            _: Uuid,
+        ) -> futures::future::BoxFuture<'_, Result<Vec<Record>, cloudtap_recorder::LogError>>
+        {
+            Box::pin(async { Ok(Vec::new()) })
+        }
+        fn describe(&self) -> String {
+            "failing".into()
+        }
+    }
+
+    #[tokio::test]
+    async fn after_a_failed_append_every_mode_refuses() {
+        let (tap, _task) = Tap::start(Arc::new(FailingLog), 8);
+        let chain = Uuid::now_v7();
+        let gaps = Arc::new(GapCounter::default());
+        tap.open_chain(chain, None, gaps.clone(), ChainMeta::default())
+            .await
+            .unwrap();
+        assert!(
+            tap.record(chain, frame(0), Backpressure::Strict, &gaps)
+                .await
+                .is_err()
+        );
+        for mode in [
+            Backpressure::Block,
+            Backpressure::Drop,
+            Backpressure::Strict,
+        ] {
+            assert!(
+                matches!(
+                    tap.record(chain, frame(1), mode, &gaps).await,
+                    Err(TapError::Log(_))
+                ),
+                "{mode:?}"
+            );
+        }
     }
 
     #[tokio::test]

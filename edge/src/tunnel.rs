@@ -149,7 +149,12 @@ async fn handle_conn(
         }
         Some(tunnel_hello::Kind::SessionToken(token)) => {
             let session = match state.attach(&token, &identity, &fingerprint).await {
-                Ok(s) => s,
+                Ok(s) => {
+                    if let Some(t) = crate::pki::not_after(&der) {
+                        s.cert_not_after.store(t, Ordering::Release);
+                    }
+                    s
+                }
                 Err(r) => {
                     reply_refusal(&mut tls, &r).await;
                     return Err(r);
@@ -650,7 +655,12 @@ where
             session.request_close(CloseReason::EdgeShutdown, e.to_string());
             return (offset, Some(e.to_string()));
         }
-        if let Err(e) = w.write_all(&chunk).await {
+        // A peer that stops reading must not hold the stream past the session's end.
+        let written = tokio::select! {
+            r = w.write_all(&chunk) => r,
+            _ = end.cancelled() => return (offset, Some("the session ended".into())),
+        };
+        if let Err(e) = written {
             return (
                 offset,
                 Some(format!("{} write failed: {e}", side(dir, false))),
