@@ -310,64 +310,47 @@ impl EdgeState {
             }
             Ok(t.on_log_backpressure)
         };
-        let backpressure = match check() {
-            Ok(b) => b,
-            Err(r) => {
-                self.decision(
-                    "open_tunnel",
-                    &claims.sub,
-                    target,
-                    Err(&r),
-                    &claims.jti,
-                    &cert,
-                )
-                .await;
-                return Err(r);
+        // Either the session is registered (under the tunnel limit) or the refusal is
+        // recorded; one decision record either way.
+        let opened = check().and_then(|backpressure| {
+            let session_id = Uuid::now_v7();
+            let issued = self.session_token(&claims, session_id, target);
+            let session = Arc::new(Session::new(
+                session_id,
+                target.into(),
+                claims.sub.clone(),
+                claims.cnf.clone(),
+                claims.jti.clone(),
+                backpressure,
+                issued.token_id.clone(),
+                issued.expires_unix,
+            ));
+            if self
+                .sessions
+                .insert_below(session.clone(), self.cfg.limits.max_tunnels)
+            {
+                Ok((session, issued))
+            } else {
+                Err(Refusal::new(
+                    "too_many_tunnels",
+                    format!(
+                        "this edge holds its maximum of {} tunnels; retry later",
+                        self.cfg.limits.max_tunnels
+                    ),
+                ))
             }
-        };
-        let session_id = Uuid::now_v7();
-        let issued = self.session_token(&claims, session_id, target);
-        let session = Arc::new(Session::new(
-            session_id,
-            target.into(),
-            claims.sub.clone(),
-            claims.cnf.clone(),
-            claims.jti.clone(),
-            backpressure,
-            issued.token_id.clone(),
-            issued.expires_unix,
-        ));
-        if !self
-            .sessions
-            .insert_below(session.clone(), self.cfg.limits.max_tunnels)
-        {
-            let r = Refusal::new(
-                "too_many_tunnels",
-                format!(
-                    "this edge holds its maximum of {} tunnels; retry later",
-                    self.cfg.limits.max_tunnels
-                ),
-            );
-            self.decision(
-                "open_tunnel",
-                &claims.sub,
-                target,
-                Err(&r),
-                &claims.jti,
-                &cert,
-            )
-            .await;
-            return Err(r);
-        }
+        });
         self.decision(
             "open_tunnel",
             &claims.sub,
             target,
-            Ok(()),
+            opened.as_ref().map(|_| ()),
             &claims.jti,
             &cert,
         )
         .await;
+        let (session, issued) = opened?;
+        let session_id = session.id;
         // A session never attached is forgotten after the handshake window.
         let state = self.weak.clone();
         let grace = self.cfg.limits.handshake_timeout() * 6;
