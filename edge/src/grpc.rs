@@ -168,6 +168,7 @@ impl EdgeState {
             claims.parent.clone().unwrap_or_default(),
         ];
         let weak = self.weak.clone();
+        let shutting_down = self.shutting_down.clone();
         let admin = self.policy.is_admin(&subject);
         let mut live = self.tap.subscribe_live();
         let (tx, rx) = tokio::sync::mpsc::channel(256);
@@ -181,6 +182,8 @@ impl EdgeState {
                     // The watcher went away: stop, even if no event matches for hours.
                     _ = tx.closed() => return,
                     _ = &mut deadline => return,
+                    // End the stream so the servers' graceful shutdown can finish.
+                    _ = shutting_down.cancelled() => return,
                 };
                 let revoked = weak
                     .upgrade()

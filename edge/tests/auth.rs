@@ -339,3 +339,61 @@ async fn renewal_keeps_a_tunnel_alive_across_expiry_and_its_absence_ends_it() {
     verify_chain(None, &edge.log.read_chain(session).await.unwrap()).unwrap();
     edge.stop().await;
 }
+
+async fn next_event(s: &mut tonic::Streaming<pb::Event>) -> pb::Event {
+    use futures::StreamExt;
+    tokio::time::timeout(Duration::from_secs(10), s.next())
+        .await
+        .expect("an event within 10 s")
+        .expect("the stream is open")
+        .expect("a well-formed event")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_events_are_scoped_to_what_the_watcher_may_read() {
+    let edge = edge().await;
+    let admin = edge.admin_tls();
+    let alice = edge.tls_for("alice");
+    let admin_token = edge.login(&admin).await.token;
+    let alice_token = edge.login(&alice).await.token;
+    let watch = |token: String| {
+        let grpc = edge.grpc.clone();
+        async move {
+            let mut c = pb::tunnel_service_client::TunnelServiceClient::connect(grpc)
+                .await
+                .unwrap();
+            let req = pb::WatchEventsRequest {
+                kinds: vec!["session_opened".into()],
+                ..Default::default()
+            };
+            c.watch_events(bearer(req, &token))
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let mut admin_events = watch(admin_token).await;
+    let mut alice_events = watch(alice_token).await;
+    // A session on a target alice may not read, then one on a target she may.
+    let (_t1, hidden, _) = edge.tunnel(&admin, "forbidden").await;
+    let (_t2, shown, _) = edge.tunnel(&admin, "echo").await;
+    let a1 = next_event(&mut admin_events).await;
+    let a2 = next_event(&mut admin_events).await;
+    assert_eq!(
+        (a1.session_id.as_str(), a2.session_id.as_str()),
+        (hidden.session_id.as_str(), shown.session_id.as_str())
+    );
+    assert_eq!(a1.kind, "session_opened");
+    let first_for_alice = next_event(&mut alice_events).await;
+    assert_eq!(
+        first_for_alice.session_id, shown.session_id,
+        "alice must not see sessions of targets she may not reach"
+    );
+    // Watching is audited.
+    edge.wait_record(
+        "watch audit",
+        |r| matches!(&r.body, Body::Audit(a) if a.action == "watch_events" && a.actor == "alice"),
+    )
+    .await;
+    edge.stop().await;
+}
