@@ -205,9 +205,12 @@ mod tests {
         let enc = canonical_encoding(&r);
         assert_eq!(&enc[..15], b"cloudtap.record");
         assert_eq!(enc.len(), 15 + 4 + 16 + 8 + 8 + 32 + 1 + (4 + 1) * 2 + 4);
+        // Computed independently from the layout in docs/log-format.md (in Python):
+        // sha256(b"cloudtap.record" + u32 1 + 16×0x01 + u64 1 + i64 2 + 32×0 + u8 10
+        //        + str "a" + str "b" + str "")
         assert_eq!(
             hex::encode(compute_hash(&r)),
-            hex::encode(Sha256::digest(&enc))
+            "507d0f7c95b4a5371106521b9b686c426c32a57e895eadc8d4e2966fa3062510"
         );
     }
 }
