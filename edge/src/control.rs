@@ -94,6 +94,18 @@ pub struct Caller {
     pub cert_fingerprint: Option<String>,
 }
 
+impl Caller {
+    /// The caller as an `authorization: Bearer …` header (gRPC metadata or HTTP) names it.
+    pub fn from_authorization(header: Option<&str>) -> Self {
+        Caller {
+            bearer: header
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(|t| t.trim().to_string()),
+            cert_fingerprint: None,
+        }
+    }
+}
+
 /// A token as handed out.
 #[derive(Debug, Clone)]
 pub struct Issued {

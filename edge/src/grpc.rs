@@ -20,16 +20,11 @@ pub struct Service {
 }
 
 fn caller<T>(req: &Request<T>) -> Caller {
-    let bearer = req
-        .metadata()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| t.trim().to_string());
-    Caller {
-        bearer,
-        cert_fingerprint: None,
-    }
+    Caller::from_authorization(
+        req.metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok()),
+    )
 }
 
 pub fn service(state: Arc<EdgeState>) -> TunnelServiceServer<Service> {

@@ -112,14 +112,7 @@ async fn not_found() -> ApiFailure {
 }
 
 fn caller(headers: &HeaderMap) -> Caller {
-    Caller {
-        bearer: headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(|t| t.trim().to_string()),
-        cert_fingerprint: None,
-    }
+    Caller::from_authorization(headers.get("authorization").and_then(|v| v.to_str().ok()))
 }
 
 /// A JSON body that reports a malformed request in the API's own error shape.

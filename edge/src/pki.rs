@@ -305,11 +305,8 @@ pub fn client_config(
 
 /// Server name to verify for an address like `localhost:7443` or `127.0.0.1:7443`.
 pub fn server_name(addr: &str) -> Result<ServerName<'static>, PkiError> {
-    let host = match addr.rsplit_once(':') {
-        Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
-        None => addr,
-    };
-    ServerName::try_from(host.to_string())
+    let host = crate::config::parse_host_port(addr).map_or_else(|_| addr.to_string(), |(h, _)| h);
+    ServerName::try_from(host.clone())
         .map_err(|e| PkiError::Tls(format!("bad server name {host:?}: {e}")))
 }
 

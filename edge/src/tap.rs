@@ -357,17 +357,7 @@ async fn appender(
 
 /// Live watchers get frames without payloads (sizes are what a tail shows).
 fn live_view(r: &Record) -> Record {
-    match &r.body {
-        Body::Frame(f) if f.payload.is_some() => {
-            let mut f = f.clone();
-            f.payload = None;
-            Record {
-                body: Body::Frame(f),
-                ..r.clone()
-            }
-        }
-        _ => r.clone(),
-    }
+    r.without_payload()
 }
 
 #[cfg(test)]

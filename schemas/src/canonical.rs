@@ -137,18 +137,13 @@ pub fn canonical_encoding(r: &Record) -> Vec<u8> {
 
 /// SHA-256 of the canonical encoding.
 pub fn compute_hash(r: &Record) -> [u8; 32] {
-    // Frames dominate the log; hash them without materialising the payload twice.
+    // Frames dominate the log; hash them without copying the payload: encode the rest,
+    // then feed the payload bytes straight into the hasher.
     let mut h = Sha256::new();
     if let Body::Frame(f) = &r.body
         && let Some(p) = &f.payload
     {
-        let head = canonical_encoding(&Record {
-            body: Body::Frame(Frame {
-                payload: None,
-                ..f.clone()
-            }),
-            ..r.clone()
-        });
+        let head = canonical_encoding(&r.without_payload());
         // Replace the trailing "absent" marker with "present + length", then the bytes.
         h.update(&head[..head.len() - 1]);
         h.update([1u8]);

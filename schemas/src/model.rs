@@ -21,6 +21,30 @@ impl Record {
     pub fn kind(&self) -> &'static str {
         self.body.kind()
     }
+
+    /// A copy with a frame's payload left out, made without copying the payload (frames
+    /// carry up to 64 KiB; hashing and live events need everything but those bytes).
+    pub fn without_payload(&self) -> Record {
+        let body = match &self.body {
+            Body::Frame(f) => Body::Frame(Frame {
+                stream_id: f.stream_id,
+                direction: f.direction,
+                offset: f.offset,
+                length: f.length,
+                payload: None,
+            }),
+            other => other.clone(),
+        };
+        Record {
+            chain_id: self.chain_id,
+            seq: self.seq,
+            ts_unix_nanos: self.ts_unix_nanos,
+            prev_hash: self.prev_hash,
+            record_hash: self.record_hash,
+            schema_version: self.schema_version,
+            body,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
