@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Real services for the tests: an S3-compatible server (s3s-fs) and a Kafka-protocol
-# broker (tansu) whose storage lives on that S3 server, so topics and committed offsets
-# survive a broker restart. Installed from crates.io into the cache dir (skipped when
-# present) and started on free loopback ports.
+# broker (tansu). Installed from crates.io into the cache dir (skipped when present)
+# and started on free loopback ports.
+#
+# The broker keeps its data in memory by default: tansu 0.6's S3 storage engine reads
+# only ~40 records/s once a topic holds a few hundred. KAFKA_STORAGE=s3 puts the
+# broker's storage on the S3 server of the same DIR instead, so topics and committed
+# offsets survive a broker restart; fault tests that kill the broker start such
+# private instances and restart the broker with DIR/tansu.sh.
 #
 #   scripts/services.sh install            build the binaries if missing
 #   scripts/services.sh start [DIR]        start both; prints the environment the tests read
@@ -52,7 +57,7 @@ wait_port() {
 
 start() {
   install
-  mkdir -p "$dir/s3" "$dir/s3/tansu"
+  mkdir -p "$dir/s3" "$dir/s3/tansu" "$dir/s3/cloudtap"
   local s3_port kafka_port key secret
   s3_port=$(free_port)
   kafka_port=$(free_port)
@@ -64,12 +69,22 @@ start() {
   echo $! >"$dir/s3s-fs.pid"
   wait_port "$s3_port" s3s-fs "$(cat "$dir/s3s-fs.pid")"
 
-  AWS_ACCESS_KEY_ID="$key" AWS_SECRET_ACCESS_KEY="$secret" AWS_DEFAULT_REGION=us-east-1 \
-    AWS_ENDPOINT="http://127.0.0.1:$s3_port" AWS_ALLOW_HTTP=true \
-    "$tools/bin/tansu" broker \
-    --listener-url "tcp://127.0.0.1:$kafka_port" \
-    --advertised-listener-url "tcp://127.0.0.1:$kafka_port" \
-    --storage-engine "s3://tansu/" >"$dir/tansu.log" 2>&1 &
+  local storage="memory://tansu/"
+  if [ "${KAFKA_STORAGE:-memory}" = s3 ]; then
+    storage="s3://tansu/"
+  fi
+  # A script that starts (or, for fault tests, restarts) this DIR's broker on its port.
+  {
+    echo '#!/usr/bin/env bash'
+    echo "AWS_ACCESS_KEY_ID='$key' AWS_SECRET_ACCESS_KEY='$secret' AWS_DEFAULT_REGION=us-east-1 \\"
+    echo "  AWS_ENDPOINT='http://127.0.0.1:$s3_port' AWS_ALLOW_HTTP=true \\"
+    echo "  exec '$tools/bin/tansu' broker \\"
+    echo "  --listener-url 'tcp://127.0.0.1:$kafka_port' \\"
+    echo "  --advertised-listener-url 'tcp://127.0.0.1:$kafka_port' \\"
+    echo "  --storage-engine '$storage' >>'$dir/tansu.log' 2>&1"
+  } >"$dir/tansu.sh"
+  chmod +x "$dir/tansu.sh"
+  "$dir/tansu.sh" &
   echo $! >"$dir/tansu.pid"
   wait_port "$kafka_port" tansu "$(cat "$dir/tansu.pid")"
 
@@ -78,8 +93,10 @@ export CLOUDTAP_TEST_S3_ENDPOINT=http://127.0.0.1:$s3_port
 export CLOUDTAP_TEST_S3_ACCESS_KEY=$key
 export CLOUDTAP_TEST_S3_SECRET_KEY=$secret
 export CLOUDTAP_TEST_S3_REGION=us-east-1
+export CLOUDTAP_TEST_S3_BUCKET=cloudtap
 export CLOUDTAP_TEST_KAFKA=127.0.0.1:$kafka_port
 export CLOUDTAP_TEST_SERVICES_DIR=$dir
+export CLOUDTAP_TEST_KAFKA_STORAGE=$storage
 EOF
   cat "$dir/env"
 }

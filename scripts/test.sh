@@ -3,8 +3,11 @@
 #
 # - Builds and tests in the dev profile with a target dir shared outside the clone
 #   ($CLOUDTAP_CACHE, default ~/.cache/cloudtap), so a second run reuses the build.
-# - Starts the real services the tests need (none yet: Kafka and S3 arrive with the
-#   log-at-scale issue, through scripts/services.sh) and stops them afterwards.
+# - Starts the real services the tests need through scripts/services.sh (an
+#   S3-compatible server and a Kafka-protocol broker, installed from crates.io into
+#   the cache when missing) and stops them afterwards, also on failure.
+# - Installs the Python packages the external-reader checks use (duckdb) into a
+#   virtualenv in the cache.
 # - Prints the test runner's own summary lines; exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +20,20 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 start=$(date +%s)
 echo "==> building tests (target dir $CARGO_TARGET_DIR)"
 cargo build --workspace --all-targets --locked
+
+echo "==> starting services"
+services_dir="$cache/services-$$"
+stop_services() { scripts/services.sh stop "$services_dir" || true; }
+trap stop_services EXIT
+eval "$(scripts/services.sh start "$services_dir")"
+
+venv="$cache/venv"
+if ! "$venv/bin/python" -c 'import duckdb' 2>/dev/null; then
+  echo "==> installing duckdb into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet duckdb==1.4.2
+fi
+export CLOUDTAP_TEST_PYTHON="$venv/bin/python"
 
 echo "==> running tests"
 if cargo nextest --version >/dev/null 2>&1; then

@@ -16,6 +16,8 @@ use cloudtap_edge::pki::{DEV_ADMIN, DevPki};
 use cloudtap_edge::token::SigningKey;
 use cloudtap_edge::{EdgeParams, Endpoints, Listeners, demo};
 use cloudtap_recorder::FsyncPolicy;
+use cloudtap_recorder::archive::{Recorder, RecorderSettings};
+use cloudtap_recorder::store::{ObjectStore, open_store};
 
 use crate::paths;
 
@@ -37,6 +39,30 @@ pub enum Role {
     All(ServerArgs),
     /// The edge alone: tunnel listener and control plane.
     Edge(ServerArgs),
+    /// The recorder alone: reads the traffic log (as a member of the recorders'
+    /// consumer group on Kafka) and writes the Parquet tables to the archive.
+    Recorder(RecorderArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RecorderArgs {
+    /// Data dir (default log and archive locations).
+    #[arg(long, env = "CLOUDTAP_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// TOML configuration file (its [recorder] section applies).
+    #[arg(long, env = "CLOUDTAP_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Traffic log URL (default file://<data dir>/log). A segment log can be read by
+    /// one process at a time: run the recorder inside `cloudtapd all`, or alone with
+    /// --once after the edge has stopped.
+    #[arg(long, env = "CLOUDTAP_LOG")]
+    pub log: Option<String>,
+    /// Archive URL: file:///dir (default <data dir>/archive) or s3://bucket/prefix.
+    #[arg(long, env = "CLOUDTAP_ARCHIVE")]
+    pub archive: Option<String>,
+    /// Archive everything in the log now, then exit.
+    #[arg(long)]
+    pub once: bool,
 }
 
 #[derive(Debug, Args)]
@@ -71,23 +97,10 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     let (args, embedded) = match cli.role {
         Role::All(a) => (a, true),
         Role::Edge(a) => (a, false),
+        Role::Recorder(a) => return recorder_main(a).await,
     };
-    let data_dir = paths::data_dir(args.data_dir.clone());
-    check_data_dir(&data_dir)?;
-    std::fs::create_dir_all(&data_dir).with_context(|| {
-        format!(
-            "cannot create the data dir {}; pass --data-dir",
-            data_dir.display()
-        )
-    })?;
-    let mut cfg = match &args.config {
-        Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("cannot read config {}", p.display()))?;
-            EdgeConfig::from_toml(&text).with_context(|| format!("in {}", p.display()))?
-        }
-        None => EdgeConfig::default(),
-    };
+    let data_dir = prepare_data_dir(args.data_dir.clone())?;
+    let mut cfg = load_config(args.config.as_deref())?;
     for t in &args.targets {
         cfg.targets.push(parse_target_flag(t)?);
     }
@@ -153,18 +166,14 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     let signing_key = SigningKey::from_seed_hex(&seed)
         .with_context(|| format!("in {}", signing_path.display()))?;
 
-    let log_url = cfg
-        .log
-        .clone()
-        .or(args.log.clone())
-        .unwrap_or_else(|| format!("file://{}", data_dir.join("log").display()));
-    let fsync = match cfg.log_fsync {
-        FsyncSetting::Never => FsyncPolicy::Never,
-        FsyncSetting::Group => FsyncPolicy::Group {
-            window: std::time::Duration::from_micros(cfg.log_group_commit_us),
-        },
+    let log = open_log(&cfg, args.log.as_deref(), &data_dir).await?;
+    // In `all`, the recorder runs in this process on the same log.
+    let recorder = if embedded {
+        let (store, settings) = open_archive(&cfg, None, &data_dir).await?;
+        Some((store, settings))
+    } else {
+        None
     };
-    let log = cloudtap_recorder::open_log(&log_url, fsync).await?;
 
     let bind = |addr: SocketAddr, what: &'static str| async move {
         TcpListener::bind(addr)
@@ -204,6 +213,9 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         println!("  demo-service  {d}");
     }
     println!("  traffic log   {}", log.describe());
+    if let Some((store, _)) = &recorder {
+        println!("  archive       {}", store.describe());
+    }
     println!("  data dir      {}", data_dir.display());
     if loopback_only {
         println!("  listening on loopback only (dev mode)");
@@ -227,7 +239,110 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         eprintln!("cloudtapd: shutting down (draining tunnels, flushing the log)");
         stop.cancel();
     });
-    cloudtap_edge::run(params, listeners, shutdown).await?;
+    let recorder_task = recorder.map(|(store, settings)| {
+        let rec = Recorder::new(params.log.clone(), store, settings);
+        let stop = shutdown.clone();
+        tokio::spawn(async move { rec.run(stop).await })
+    });
+    let edge = cloudtap_edge::run(params, listeners, shutdown.clone()).await;
+    shutdown.cancel();
+    if let Some(t) = recorder_task {
+        match t.await {
+            Ok(Err(e)) => eprintln!("cloudtapd: the recorder stopped: {e}"),
+            Err(e) => eprintln!("cloudtapd: the recorder task failed: {e}"),
+            Ok(Ok(())) => {}
+        }
+    }
+    edge?;
+    Ok(())
+}
+
+fn prepare_data_dir(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let data_dir = paths::data_dir(flag);
+    check_data_dir(&data_dir)?;
+    std::fs::create_dir_all(&data_dir).with_context(|| {
+        format!(
+            "cannot create the data dir {}; pass --data-dir",
+            data_dir.display()
+        )
+    })?;
+    Ok(data_dir)
+}
+
+fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<EdgeConfig> {
+    Ok(match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read config {}", p.display()))?;
+            EdgeConfig::from_toml(&text).with_context(|| format!("in {}", p.display()))?
+        }
+        None => EdgeConfig::default(),
+    })
+}
+
+async fn open_log(
+    cfg: &EdgeConfig,
+    flag: Option<&str>,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<std::sync::Arc<dyn cloudtap_recorder::EventLog>> {
+    let log_url = cfg
+        .log
+        .clone()
+        .or(flag.map(str::to_owned))
+        .unwrap_or_else(|| format!("file://{}", data_dir.join("log").display()));
+    let fsync = match cfg.log_fsync {
+        FsyncSetting::Never => FsyncPolicy::Never,
+        FsyncSetting::Group => FsyncPolicy::Group {
+            window: std::time::Duration::from_micros(cfg.log_group_commit_us),
+        },
+    };
+    Ok(cloudtap_recorder::open_log(&log_url, fsync).await?)
+}
+
+async fn open_archive(
+    cfg: &EdgeConfig,
+    flag: Option<&str>,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<(std::sync::Arc<dyn ObjectStore>, RecorderSettings)> {
+    let url = flag
+        .map(str::to_owned)
+        .or(cfg.recorder.archive.clone())
+        .unwrap_or_else(|| format!("file://{}", data_dir.join("archive").display()));
+    let store = open_store(&url, &cfg.recorder.s3).await?;
+    Ok((store, cfg.recorder.settings()))
+}
+
+async fn recorder_main(args: RecorderArgs) -> anyhow::Result<()> {
+    let data_dir = prepare_data_dir(args.data_dir.clone())?;
+    let cfg = load_config(args.config.as_deref())?;
+    let log = open_log(&cfg, args.log.as_deref(), &data_dir).await?;
+    let (store, settings) = open_archive(&cfg, args.archive.as_deref(), &data_dir).await?;
+    let signals = shutdown_signal()?;
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        signals.await;
+        eprintln!("cloudtapd recorder: shutting down (committing what is pending)");
+        stop.cancel();
+    });
+    println!("cloudtapd {} (recorder)", env!("CARGO_PKG_VERSION"));
+    println!("  traffic log   {}", log.describe());
+    println!("  archive       {}", store.describe());
+    let rec = Recorder::new(log, store, settings);
+    if args.once {
+        let started = std::time::Instant::now();
+        let report = rec.drain(&shutdown).await?;
+        println!(
+            "archived {} records in {} ranges ({} duplicates dropped) in {:.1} s",
+            report.records,
+            report.ranges,
+            report.duplicates,
+            started.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    }
+    println!("ready: archiving as the log grows (Ctrl-C to stop)");
+    rec.run(shutdown).await?;
     Ok(())
 }
 

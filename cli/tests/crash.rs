@@ -52,19 +52,11 @@ fn expected(len: usize) -> Vec<u8> {
 
 async fn all_records(log: &FileLog) -> Vec<Record> {
     use futures::StreamExt;
-    let end = log.end().offset;
-    let mut sub = log.subscribe(Default::default());
-    let mut out = Vec::new();
-    while out.len() < end as usize {
-        out.push(
-            sub.next()
-                .await
-                .unwrap()
-                .expect("every record in the recovered log decodes")
-                .record,
-        );
-    }
-    out
+    let end = log.end().await.unwrap();
+    cloudtap_recorder::read_to(log, end)
+        .map(|e| e.expect("every record in the recovered log decodes").record)
+        .collect()
+        .await
 }
 
 /// Runs the scenario; returns (bytes the client received, bytes of down frames logged).

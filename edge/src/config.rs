@@ -33,6 +33,9 @@ pub struct EdgeConfig {
     pub targets: Vec<TargetConfig>,
     #[serde(default)]
     pub policy: PolicyConfig,
+    /// The recorder role: archive location and range cutting.
+    #[serde(default)]
+    pub recorder: cloudtap_recorder::archive::RecorderConfig,
 }
 
 fn default_name() -> String {

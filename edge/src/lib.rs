@@ -23,7 +23,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use cloudtap_recorder::{EventLog, Position};
+use cloudtap_recorder::{EventLog, Offsets};
 use cloudtap_schemas::{Audit, Body, CloseReason, Heartbeat, Record, SessionClosed};
 
 pub mod client;
@@ -278,13 +278,10 @@ pub async fn run(
 
 /// Reads the log once: re-applies revocations and closes the sessions an earlier run
 /// of this edge left open (reason `edge_restart`). Returns where following starts.
-async fn recover(state: &Arc<EdgeState>) -> Result<Position, EdgeError> {
-    let end = state.log.end();
-    if end.offset == 0 {
-        return Ok(end);
-    }
+async fn recover(state: &Arc<EdgeState>) -> Result<Offsets, EdgeError> {
+    let end = state.log.end().await?;
     let mut open: HashMap<Uuid, Record> = HashMap::new();
-    let mut sub = state.log.subscribe(Position::default());
+    let mut sub = cloudtap_recorder::read_to(state.log.as_ref(), end.clone());
     while let Some(entry) = sub.next().await {
         let entry = entry?;
         let r = entry.record;
@@ -307,9 +304,6 @@ async fn recover(state: &Arc<EdgeState>) -> Result<Position, EdgeError> {
                     *last = r;
                 }
             }
-        }
-        if entry.position.offset + 1 >= end.offset {
-            break;
         }
     }
     for (chain, last) in open {
@@ -343,10 +337,10 @@ async fn recover(state: &Arc<EdgeState>) -> Result<Position, EdgeError> {
 /// Follows the log for control records from any edge. A failed subscription is
 /// retried (after 1 s) from just after the last record applied; meanwhile `/healthz`
 /// reports the edge degraded, since revocations and closes may not apply.
-async fn follow(state: Arc<EdgeState>, from: Position, shutdown: CancellationToken) {
+async fn follow(state: Arc<EdgeState>, from: Offsets, shutdown: CancellationToken) {
     let mut next = from;
     loop {
-        let mut sub = state.log.subscribe_kinds(next, &["control"]);
+        let mut sub = state.log.subscribe_kinds(next.clone(), &["control"]);
         loop {
             let entry = tokio::select! {
                 e = sub.next() => e,
@@ -355,10 +349,7 @@ async fn follow(state: Arc<EdgeState>, from: Position, shutdown: CancellationTok
             match entry {
                 Some(Ok(e)) => {
                     state.follow_failed.store(false, Ordering::Release);
-                    next = Position {
-                        partition: e.position.partition,
-                        offset: e.position.offset + 1,
-                    };
+                    next.advance(e.position);
                     if let Body::Control(c) = &e.record.body {
                         state.apply_control(c);
                     }

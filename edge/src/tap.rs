@@ -391,15 +391,20 @@ mod tests {
         }
         fn subscribe(
             &self,
-            _: cloudtap_recorder::Position,
+            _: cloudtap_recorder::Offsets,
         ) -> futures::stream::BoxStream<
             'static,
             Result<cloudtap_recorder::LogEntry, cloudtap_recorder::LogError>,
         > {
             Box::pin(futures::stream::empty())
         }
-        fn end(&self) -> cloudtap_recorder::Position {
-            Default::default()
+        fn end(
+            &self,
+        ) -> futures::future::BoxFuture<
+            '_,
+            Result<cloudtap_recorder::Offsets, cloudtap_recorder::LogError>,
+        > {
+            Box::pin(async { Ok(Default::default()) })
         }
         fn read_chain(
             &self,

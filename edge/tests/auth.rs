@@ -8,7 +8,6 @@ use std::time::Duration;
 use cloudtap_edge::client::{ClientError, Tunnel};
 use cloudtap_edge::token::{Claims, SigningKey, TokenKind, now_unix};
 use cloudtap_proto::tunnel::v1 as pb;
-use cloudtap_recorder::EventLog;
 use cloudtap_schemas::{Body, verify_chain};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -6,7 +6,6 @@ mod common;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use cloudtap_recorder::EventLog;
 use cloudtap_schemas::{Body, Direction, verify_chain};
 use common::*;
 use sha2::{Digest, Sha256};

@@ -8,7 +8,7 @@ use futures::StreamExt;
 
 use cloudtap_schemas::{Audit, Body, ChainWriter, Record, verify_chain};
 
-use crate::{EventLog, Position};
+use crate::{EventLog, Offsets, Position};
 
 fn records(w: &mut ChainWriter, n: usize, tag: &str) -> Vec<Record> {
     (0..n)
@@ -34,6 +34,29 @@ where
     concurrent_appenders_keep_per_task_order(make().await).await;
     empty_batch_is_a_no_op(make().await).await;
     subscribe_kinds_yields_only_those_kinds(make().await).await;
+    read_to_stops_at_the_end_given(make().await).await;
+}
+
+async fn read_to_stops_at_the_end_given<L: EventLog>(log: Arc<L>) {
+    let mut a = ChainWriter::new(uuid::Uuid::now_v7());
+    let mut b = ChainWriter::new(uuid::Uuid::now_v7());
+    let before = [records(&mut a, 4, "a"), records(&mut b, 3, "b")].concat();
+    log.append(before.clone()).await.unwrap();
+    let end = log.end().await.unwrap();
+    log.append(records(&mut a, 2, "late")).await.unwrap();
+    let got: Vec<Record> = tokio::time::timeout(
+        Duration::from_secs(10),
+        crate::read_to(log.as_ref(), end)
+            .map(|e| e.unwrap().record)
+            .collect::<Vec<_>>(),
+    )
+    .await
+    .expect("read_to must finish at the end it was given");
+    let mut got_sorted = got.clone();
+    got_sorted.sort_by_key(|r| (r.chain_id, r.seq));
+    let mut want = before;
+    want.sort_by_key(|r| (r.chain_id, r.seq));
+    assert_eq!(got_sorted, want);
 }
 
 async fn subscribe_kinds_yields_only_those_kinds<L: EventLog>(log: Arc<L>) {
@@ -49,7 +72,7 @@ async fn subscribe_kinds_yields_only_those_kinds<L: EventLog>(log: Arc<L>) {
     batch.push(control.clone());
     batch.extend(records(&mut w, 2, "k"));
     log.append(batch).await.unwrap();
-    let mut sub = log.subscribe_kinds(Position::default(), &["control"]);
+    let mut sub = log.subscribe_kinds(Offsets::default(), &["control"]);
     let got = next(&mut sub).await;
     assert_eq!((got.position.offset, &got.record), (3, &control));
     assert!(
@@ -65,16 +88,19 @@ async fn append_then_read_back<L: EventLog>(log: Arc<L>) {
     let ra1 = records(&mut a, 3, "a");
     let rb = records(&mut b, 4, "b");
     let ra2 = records(&mut a, 2, "a");
+    // Offsets are per partition; one chain always lands in one partition, in order.
+    let pa1 = log.append(ra1.clone()).await.unwrap();
+    let pb = log.append(rb.clone()).await.unwrap();
+    let pa2 = log.append(ra2.clone()).await.unwrap();
+    assert_eq!(pa1.offset, 2, "a fresh log's partition starts at offset 0");
+    assert_eq!(pa2.partition, pa1.partition, "one chain, one partition");
+    let b_before = if pb.partition == pa1.partition { 3 } else { 0 };
+    assert_eq!(pb.offset, b_before + 3);
     assert_eq!(
-        log.append(ra1.clone()).await.unwrap(),
-        Position {
-            partition: 0,
-            offset: 2
-        }
+        pa2.offset,
+        pa1.offset + 2 + if b_before > 0 { 4 } else { 0 }
     );
-    assert_eq!(log.append(rb.clone()).await.unwrap().offset, 6);
-    assert_eq!(log.append(ra2.clone()).await.unwrap().offset, 8);
-    assert_eq!(log.end().offset, 9);
+    assert_eq!(log.end().await.unwrap().total(), 9);
     let chain_a = log.read_chain(a.chain_id()).await.unwrap();
     assert_eq!(chain_a, [ra1, ra2].concat());
     assert_eq!(verify_chain(None, &chain_a).unwrap(), 5);
@@ -90,14 +116,20 @@ async fn append_then_read_back<L: EventLog>(log: Arc<L>) {
 async fn subscribe_sees_old_and_new<L: EventLog>(log: Arc<L>) {
     let mut w = ChainWriter::new(uuid::Uuid::now_v7());
     let first = records(&mut w, 5, "s");
-    log.append(first.clone()).await.unwrap();
-    let mut sub = log.subscribe(Position {
-        partition: 0,
-        offset: 2,
-    });
+    let head = log.append(first[..2].to_vec()).await.unwrap();
+    log.append(first[2..].to_vec()).await.unwrap();
+    let mut from = Offsets::default();
+    from.advance(head);
+    let mut sub = log.subscribe(from);
     for (i, want) in first[2..].iter().enumerate() {
         let got = next(&mut sub).await;
-        assert_eq!(got.position.offset, 2 + i as u64);
+        assert_eq!(
+            got.position,
+            Position {
+                partition: head.partition,
+                offset: head.offset + 1 + i as u64
+            }
+        );
         assert_eq!(&got.record, want);
     }
     // Nothing more yet: the subscriber waits.
@@ -138,7 +170,7 @@ async fn concurrent_appenders_keep_per_task_order<L: EventLog>(log: Arc<L>) {
     for t in tasks {
         t.await.unwrap();
     }
-    assert_eq!(log.end().offset, 200);
+    assert_eq!(log.end().await.unwrap().total(), 200);
     for c in chains {
         let chain = log.read_chain(c).await.unwrap();
         assert_eq!(verify_chain(None, &chain).unwrap(), 50);
@@ -147,7 +179,12 @@ async fn concurrent_appenders_keep_per_task_order<L: EventLog>(log: Arc<L>) {
 
 async fn empty_batch_is_a_no_op<L: EventLog>(log: Arc<L>) {
     log.append(Vec::new()).await.unwrap();
-    assert_eq!(log.end().offset, 0);
+    assert_eq!(log.end().await.unwrap().total(), 0);
+    // read_to on an empty log finishes at once.
+    let all: Vec<_> = crate::read_to(log.as_ref(), Offsets::default())
+        .collect()
+        .await;
+    assert!(all.is_empty());
 }
 
 async fn next(

@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use cloudtap_schemas::{Record, decode_record, encode_record_owned, peek_kind};
 
 use crate::segment::{SegmentConfig, SegmentLog, SegmentReader};
-use crate::{EventLog, LogEntry, LogError, Position};
+use crate::{EventLog, LogEntry, LogError, Offsets, Position};
 
 /// When the writer thread fsyncs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,7 +210,7 @@ impl FileLog {
     /// are skipped by their envelope's field number, without being decoded.
     fn subscribe_filtered(
         &self,
-        from: Position,
+        from: Offsets,
         kinds: Option<&'static [&'static str]>,
     ) -> BoxStream<'static, Result<LogEntry, LogError>> {
         let (tx, rx) = mpsc::channel::<Result<LogEntry, LogError>>(1024);
@@ -219,7 +219,7 @@ impl FileLog {
         let handle = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
             // Retention may have removed the start; begin at the oldest record kept.
-            let mut next = from.offset.max(first_offset(&dir));
+            let mut next = from.get(0).max(first_offset(&dir));
             // One reader for the whole subscription: it keeps its file and position,
             // and is only told how far the durable end has moved.
             let mut reader: Option<SegmentReader> = None;
@@ -290,7 +290,10 @@ impl EventLog for FileLog {
     fn append(&self, batch: Vec<Record>) -> BoxFuture<'_, Result<Position, LogError>> {
         async move {
             if batch.is_empty() {
-                return Ok(self.end());
+                return Ok(Position {
+                    partition: 0,
+                    offset: self.durable.borrow().saturating_sub(1),
+                });
             }
             let (reply, rx) = oneshot::channel();
             self.tx
@@ -302,23 +305,20 @@ impl EventLog for FileLog {
         .boxed()
     }
 
-    fn subscribe(&self, from: Position) -> BoxStream<'static, Result<LogEntry, LogError>> {
+    fn subscribe(&self, from: Offsets) -> BoxStream<'static, Result<LogEntry, LogError>> {
         self.subscribe_filtered(from, None)
     }
 
     fn subscribe_kinds(
         &self,
-        from: Position,
+        from: Offsets,
         kinds: &'static [&'static str],
     ) -> BoxStream<'static, Result<LogEntry, LogError>> {
         self.subscribe_filtered(from, Some(kinds))
     }
 
-    fn end(&self) -> Position {
-        Position {
-            partition: 0,
-            offset: *self.durable.borrow(),
-        }
+    fn end(&self) -> BoxFuture<'_, Result<Offsets, LogError>> {
+        futures::future::ready(Ok(Offsets([(0, *self.durable.borrow())].into()))).boxed()
     }
 
     fn read_chain(&self, chain_id: uuid::Uuid) -> BoxFuture<'_, Result<Vec<Record>, LogError>> {
@@ -413,7 +413,7 @@ mod tests {
             assert_eq!(pos.offset, 49);
         }
         let log = FileLog::open(FileLogConfig::new(dir.path())).await.unwrap();
-        assert_eq!(log.end().offset, 50);
+        assert_eq!(log.end().await.unwrap().get(0), 50);
         assert_eq!(log.read_chain(w.chain_id()).await.unwrap(), recs);
     }
 }

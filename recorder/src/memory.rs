@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use cloudtap_schemas::Record;
 
-use crate::{EventLog, LogEntry, LogError, Position};
+use crate::{EventLog, LogEntry, LogError, Offsets, Position};
 
 #[derive(Clone)]
 pub struct MemoryLog {
@@ -52,10 +52,10 @@ impl EventLog for MemoryLog {
         .boxed()
     }
 
-    fn subscribe(&self, from: Position) -> BoxStream<'static, Result<LogEntry, LogError>> {
+    fn subscribe(&self, from: Offsets) -> BoxStream<'static, Result<LogEntry, LogError>> {
         let records = self.records.clone();
         let end = self.end.subscribe();
-        futures::stream::unfold((from.offset, end), move |(next, mut end)| {
+        futures::stream::unfold((from.get(0), end), move |(next, mut end)| {
             let records = records.clone();
             async move {
                 loop {
@@ -82,11 +82,8 @@ impl EventLog for MemoryLog {
         .boxed()
     }
 
-    fn end(&self) -> Position {
-        Position {
-            partition: 0,
-            offset: *self.end.borrow(),
-        }
+    fn end(&self) -> BoxFuture<'_, Result<Offsets, LogError>> {
+        futures::future::ready(Ok(Offsets([(0, *self.end.borrow())].into()))).boxed()
     }
 
     fn read_chain(&self, chain_id: uuid::Uuid) -> BoxFuture<'_, Result<Vec<Record>, LogError>> {

@@ -14,6 +14,7 @@
 mod canonical;
 mod convert;
 mod model;
+pub mod tables;
 
 pub use canonical::{ZERO_HASH, canonical_encoding, compute_hash};
 pub use convert::{decode_record, encode_record, encode_record_owned, peek_kind};

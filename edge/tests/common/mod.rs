@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 pub struct TestEdge {
     pub dir: tempfile::TempDir,
     pub pki: DevPki,
-    pub log: Arc<FileLog>,
+    pub log: Arc<dyn EventLog>,
     pub grpc: String,
     pub http: String,
     pub tunnel: String,
@@ -67,13 +67,22 @@ impl TestEdge {
 
     /// Starts an edge on an existing data dir (restarts).
     pub async fn start_in(dir: tempfile::TempDir, cfg: EdgeConfig) -> TestEdge {
-        let pki = DevPki::new(dir.path());
-        pki.ensure().unwrap();
         let log = Arc::new(
             FileLog::open(FileLogConfig::new(dir.path().join("log")))
                 .await
                 .unwrap(),
         );
+        Self::start_with_log(dir, cfg, log).await
+    }
+
+    /// Starts an edge that appends to `log` (e.g. a Kafka log).
+    pub async fn start_with_log(
+        dir: tempfile::TempDir,
+        cfg: EdgeConfig,
+        log: Arc<dyn EventLog>,
+    ) -> TestEdge {
+        let pki = DevPki::new(dir.path());
+        pki.ensure().unwrap();
         let seed = std::fs::read_to_string(pki.signing_key()).unwrap();
         let listeners = Listeners {
             grpc: TcpListener::bind("127.0.0.1:0").await.unwrap(),
@@ -124,7 +133,7 @@ impl TestEdge {
         edge
     }
 
-    pub async fn stop(self) -> (tempfile::TempDir, Arc<FileLog>) {
+    pub async fn stop(self) -> (tempfile::TempDir, Arc<dyn EventLog>) {
         self.shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(30), self.task)
             .await
@@ -260,21 +269,11 @@ pub fn bearer<T>(msg: T, token: &str) -> tonic::Request<T> {
 /// Every record in the log, in log order.
 pub async fn all_records(log: &dyn EventLog) -> Vec<Record> {
     use futures::StreamExt;
-    let end = log.end().offset;
-    let mut out = Vec::new();
-    if end == 0 {
-        return out;
-    }
-    let mut sub = log.subscribe(Default::default());
-    while let Some(e) = sub.next().await {
-        let e = e.unwrap();
-        let last = e.position.offset + 1 >= end;
-        out.push(e.record);
-        if last {
-            break;
-        }
-    }
-    out
+    let end = log.end().await.unwrap();
+    cloudtap_recorder::read_to(log, end)
+        .map(|e| e.unwrap().record)
+        .collect()
+        .await
 }
 
 pub fn refused(e: &ClientError) -> (&str, String) {
