@@ -64,8 +64,14 @@ start() {
   key="cloudtap-test"
   secret="cloudtap-test-secret"
 
-  "$tools/bin/s3s-fs" --host 127.0.0.1 --port "$s3_port" \
-    --access-key "$key" --secret-key "$secret" "$dir/s3" >"$dir/s3s-fs.log" 2>&1 &
+  # A script that starts (or, for fault tests, restarts) this DIR's S3 server.
+  {
+    echo '#!/usr/bin/env bash'
+    echo "exec '$tools/bin/s3s-fs' --host 127.0.0.1 --port '$s3_port' \\"
+    echo "  --access-key '$key' --secret-key '$secret' '$dir/s3' >>'$dir/s3s-fs.log' 2>&1"
+  } >"$dir/s3s-fs.sh"
+  chmod +x "$dir/s3s-fs.sh"
+  "$dir/s3s-fs.sh" &
   echo $! >"$dir/s3s-fs.pid"
   wait_port "$s3_port" s3s-fs "$(cat "$dir/s3s-fs.pid")"
 

@@ -87,6 +87,9 @@ pub enum Cmd {
     Close { selector: String },
     /// List the targets and whether you may reach them.
     ListTargets,
+    /// The edge's health: ok, or degraded and why (e.g. the traffic log is not
+    /// acknowledging appends). Exits 1 when degraded.
+    Status,
     /// Get a user token for your client certificate's identity.
     Login {
         /// Token lifetime, e.g. 15m (default: the edge's).
@@ -587,6 +590,30 @@ pub async fn main(cli: Cli) -> CtlResult<()> {
             }
             Ok(())
         }
+        Cmd::Status => {
+            let url = ctx.http_url();
+            let (code, body) = http_client::call(&url, "GET", "/healthz", None, None)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}; is cloudtapd running? pass --http-url"))?;
+            let h: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+                anyhow::anyhow!("the edge at {url} answered /healthz with {code} and no JSON: {e}")
+            })?;
+            match ctx.output {
+                Output::Json => println!("{h}"),
+                Output::Table => {
+                    println!("status         {}", h["status"].as_str().unwrap_or("?"));
+                    if h["status"] != "ok" {
+                        println!("reason         {}", h["reason"].as_str().unwrap_or("?"));
+                    }
+                    println!("traffic log    {}", h["log"].as_str().unwrap_or("?"));
+                    println!("open sessions  {}", h["open_sessions"]);
+                }
+            }
+            if h["status"] != "ok" {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Cmd::ListTargets => {
             let c = connect(&ctx).await;
             let targets =
@@ -701,6 +728,39 @@ fn is_final(reason: &str) -> bool {
     )
 }
 
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Polls the edge's `/healthz` every 2 s while a tunnel runs and says on stderr when it
+/// turns degraded (e.g. the traffic log stopped acknowledging appends) and when it
+/// recovers. An unreachable HTTP API is not reported: the tunnel says enough then.
+async fn watch_health(url: String) {
+    let mut degraded: Option<String> = None;
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let Ok((_, body)) = http_client::call(&url, "GET", "/healthz", None, None).await else {
+            continue;
+        };
+        let Ok(h) = serde_json::from_slice::<serde_json::Value>(&body) else {
+            continue;
+        };
+        let now = (h["status"] != "ok").then(|| h["reason"].as_str().unwrap_or("").to_owned());
+        match (&degraded, &now) {
+            (None, Some(why)) => eprintln!(
+                "cloudtapctl: the edge is degraded: {why}; forwarding continues under the route's on_log_backpressure"
+            ),
+            (Some(_), None) => eprintln!("cloudtapctl: the edge is healthy again"),
+            _ => {}
+        }
+        degraded = now;
+    }
+}
+
 async fn proxy(ctx: &Ctx, target: &str, local_addr: SocketAddr) -> CtlResult<()> {
     let tls = ctx.tls()?;
     let listener = TcpListener::bind(local_addr).await.with_context(|| {
@@ -708,6 +768,8 @@ async fn proxy(ctx: &Ctx, target: &str, local_addr: SocketAddr) -> CtlResult<()>
     })?;
     let local = listener.local_addr()?;
     let control = connect(ctx).await;
+    let health = tokio::spawn(watch_health(ctx.http_url()));
+    let _stop_health = AbortOnDrop(health);
     let mut backoff = Duration::from_millis(250);
     let mut announced = false;
     loop {

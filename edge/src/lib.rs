@@ -136,6 +136,9 @@ impl EdgeState {
                 ),
             );
         }
+        if let Some(why) = self.log.health() {
+            return (false, format!("traffic log degraded: {why}"));
+        }
         if self.follow_failed.load(Ordering::Acquire) {
             return (
                 false,

@@ -417,10 +417,13 @@ impl KafkaLog {
                         }
                         entry_of(&m)
                     }
-                    Err(e) => Err(LogError::Kafka {
-                        what: "reading the topic".into(),
-                        source: e,
-                    }),
+                    Err(e) => {
+                        // librdkafka reports broker outages here and reconnects on its
+                        // own; the subscription goes on where it was.
+                        tracing::warn!(error = %e, "reading the traffic log topic: transient error");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
                 };
                 return Some((item, consumer));
             }
