@@ -239,8 +239,15 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         eprintln!("cloudtapd: shutting down (draining tunnels, flushing the log)");
         stop.cancel();
     });
+    let retention = params.config.log_retention();
     let recorder_task = recorder.map(|(store, settings)| {
         let rec = Recorder::new(params.log.clone(), store, settings);
+        tokio::spawn(retain_archived(
+            params.log.clone(),
+            rec.stats(),
+            retention,
+            shutdown.clone(),
+        ));
         let stop = shutdown.clone();
         tokio::spawn(async move { rec.run(stop).await })
     });
@@ -255,6 +262,27 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     }
     edge?;
     Ok(())
+}
+
+/// Every minute, removes local-log segments the recorder has archived and the
+/// retention policy lets go.
+async fn retain_archived(
+    log: std::sync::Arc<dyn cloudtap_recorder::EventLog>,
+    stats: std::sync::Arc<cloudtap_recorder::archive::RecorderStats>,
+    policy: cloudtap_recorder::Retention,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let archived =
+            cloudtap_recorder::Offsets(stats.archived_to.lock().expect("stats poisoned").clone());
+        if let Err(e) = log.retain(&archived, policy).await {
+            tracing::warn!(error = %e, "log retention failed; retrying in a minute");
+        }
+    }
 }
 
 fn prepare_data_dir(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
@@ -285,10 +313,10 @@ async fn open_log(
     flag: Option<&str>,
     data_dir: &std::path::Path,
 ) -> anyhow::Result<std::sync::Arc<dyn cloudtap_recorder::EventLog>> {
-    let log_url = cfg
-        .log
-        .clone()
-        .or(flag.map(str::to_owned))
+    // The flag (or CLOUDTAP_LOG) wins over the config file, as for --archive.
+    let log_url = flag
+        .map(str::to_owned)
+        .or(cfg.log.clone())
         .unwrap_or_else(|| format!("file://{}", data_dir.join("log").display()));
     let fsync = match cfg.log_fsync {
         FsyncSetting::Never => FsyncPolicy::Never,
@@ -296,7 +324,7 @@ async fn open_log(
             window: std::time::Duration::from_micros(cfg.log_group_commit_us),
         },
     };
-    Ok(cloudtap_recorder::open_log(&log_url, fsync).await?)
+    Ok(cloudtap_recorder::open_log(&log_url, fsync, cfg.log_min_free_mb * 1024 * 1024).await?)
 }
 
 async fn open_archive(
@@ -328,10 +356,17 @@ async fn recorder_main(args: RecorderArgs) -> anyhow::Result<()> {
     println!("cloudtapd {} (recorder)", env!("CARGO_PKG_VERSION"));
     println!("  traffic log   {}", log.describe());
     println!("  archive       {}", store.describe());
-    let rec = Recorder::new(log, store, settings);
+    let rec = Recorder::new(log.clone(), store, settings);
     if args.once {
         let started = std::time::Instant::now();
+        let stats = rec.stats();
         let report = rec.drain(&shutdown).await?;
+        let archived =
+            cloudtap_recorder::Offsets(stats.archived_to.lock().expect("stats poisoned").clone());
+        let removed = log.retain(&archived, cfg.log_retention()).await?;
+        if removed > 0 {
+            println!("log retention removed {removed} archived segments");
+        }
         println!(
             "archived {} records in {} ranges ({} duplicates dropped) in {:.1} s",
             report.records,

@@ -22,6 +22,18 @@ pub struct EdgeConfig {
     /// Group-commit window in microseconds (0: groups form while an fsync runs).
     #[serde(default)]
     pub log_group_commit_us: u64,
+    /// New sessions are refused while the local log's filesystem has less free space
+    /// than this, in MiB (default 512).
+    #[serde(default = "default_min_free_mb")]
+    pub log_min_free_mb: u64,
+    /// Archived segments of the local log older than this many hours are removed
+    /// (default 24; 0 keeps them).
+    #[serde(default = "default_retention_hours")]
+    pub log_retention_hours: u64,
+    /// … and archived segments go while the local log is larger than this many MiB
+    /// (default 1024; 0: no size bound).
+    #[serde(default = "default_retention_mb")]
+    pub log_retention_mb: u64,
     /// Certificates; default: the development PKI in `<data dir>/pki`.
     #[serde(default)]
     pub tls: Option<TlsFiles>,
@@ -40,6 +52,29 @@ pub struct EdgeConfig {
 
 fn default_name() -> String {
     "edge".into()
+}
+
+fn default_min_free_mb() -> u64 {
+    512
+}
+
+fn default_retention_hours() -> u64 {
+    24
+}
+
+fn default_retention_mb() -> u64 {
+    1024
+}
+
+impl EdgeConfig {
+    /// Retention of the local log's archived segments.
+    pub fn log_retention(&self) -> cloudtap_recorder::Retention {
+        cloudtap_recorder::Retention {
+            max_age: (self.log_retention_hours > 0)
+                .then(|| Duration::from_secs(self.log_retention_hours * 3600)),
+            max_bytes: (self.log_retention_mb > 0).then(|| self.log_retention_mb * 1024 * 1024),
+        }
+    }
 }
 
 impl Default for EdgeConfig {

@@ -48,7 +48,7 @@ impl Refusal {
             "forbidden" | "not_admin" => ErrorKind::PermissionDenied,
             "unknown_target" | "unknown_session" => ErrorKind::NotFound,
             "too_many_tunnels" => ErrorKind::ResourceExhausted,
-            "log_unavailable" | "shutting_down" => ErrorKind::Unavailable,
+            "log_unavailable" | "log_disk_full" | "shutting_down" => ErrorKind::Unavailable,
             _ => ErrorKind::InvalidArgument,
         }
     }
@@ -297,6 +297,14 @@ impl EdgeState {
                 return Err(Refusal::new(
                     "shutting_down",
                     "the edge is shutting down; retry in a moment",
+                ));
+            }
+            if let Some(why) = self.log.disk_low() {
+                return Err(Refusal::new(
+                    "log_disk_full",
+                    format!(
+                        "{why}; the edge takes no new sessions until space is freed (archive and retention free it, or give the log a bigger disk)"
+                    ),
                 ));
             }
             let t = self.cfg.target(target).ok_or_else(|| {

@@ -369,3 +369,31 @@ async fn heartbeats_are_written_and_the_tunnel_limit_is_enforced() {
     edge.wait_refusal("too_many_tunnels").await;
     edge.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nearly_full_log_disk_refuses_new_sessions_and_healthz_says_why() {
+    use cloudtap_recorder::{FileLog, FileLogConfig};
+    let (upstream, _) = bulk_upstream(16).await;
+    let dir = tempfile::tempdir().unwrap();
+    // No filesystem has this much free: the edge must consider its disk full.
+    let mut log_cfg = FileLogConfig::new(dir.path().join("log"));
+    log_cfg.min_free_bytes = u64::MAX;
+    let log = Arc::new(FileLog::open(log_cfg).await.unwrap());
+    let edge = TestEdge::start_with_log(dir, config(&[("t", upstream)]), log).await;
+    let user = edge.login(&edge.admin_tls()).await;
+    let err = edge.open(&user.token, "t").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    assert!(
+        err.message().contains("free") && err.message().contains("no new sessions"),
+        "{}",
+        err.message()
+    );
+    let refusal = edge.wait_refusal("log_disk_full").await;
+    assert_eq!(refusal.target, "t");
+    let health = http_get(&edge.http, "/healthz");
+    assert!(
+        health.contains("degraded") && health.contains("log_min_free_mb"),
+        "{health}"
+    );
+    edge.stop().await;
+}

@@ -60,6 +60,10 @@ pub struct RecorderSettings {
     pub flush_idle: Duration,
     /// Longest wait between retries of a failing upload.
     pub max_backoff: Duration,
+    /// Archived ranges whose newest record is older than this are removed.
+    pub retention: Option<Duration>,
+    /// Heartbeats of an edge silent this long: its open sessions are lost.
+    pub edge_lost_after: Duration,
     /// Test hook: stop this process (SIGSTOP) after uploading the files of the Nth
     /// range, before its marker, so a test can SIGKILL it there.
     pub stop_before_marker: Option<u64>,
@@ -90,6 +94,14 @@ pub struct RecorderConfig {
     /// Commit what is pending after this long with nothing new (default 1000 ms).
     #[serde(default)]
     pub flush_idle_ms: Option<u64>,
+    /// Remove archived ranges whose newest record is older than this many days
+    /// (default: keep everything).
+    #[serde(default)]
+    pub retention_days: Option<u64>,
+    /// An edge whose heartbeats stop for this many seconds is lost: its open sessions
+    /// get a `sessions` row closed with `edge_lost` (default 60).
+    #[serde(default)]
+    pub edge_lost_after_secs: Option<u64>,
 }
 
 impl RecorderConfig {
@@ -104,6 +116,11 @@ impl RecorderConfig {
                 .flush_idle_ms
                 .map_or(d.flush_idle, Duration::from_millis),
             max_backoff: d.max_backoff,
+            edge_lost_after: Duration::from_secs(self.edge_lost_after_secs.unwrap_or(60).max(1)),
+            retention: self
+                .retention_days
+                .filter(|d| *d > 0)
+                .map(|d| Duration::from_secs(d * 86_400)),
             stop_before_marker: std::env::var("CLOUDTAP_FAULT_STOP_BEFORE_MARKER")
                 .ok()
                 .and_then(|v| v.parse().ok()),
@@ -120,6 +137,8 @@ impl Default for RecorderSettings {
             range_seconds: 30,
             flush_idle: Duration::from_secs(1),
             max_backoff: Duration::from_secs(10),
+            retention: None,
+            edge_lost_after: Duration::from_secs(60),
             stop_before_marker: None,
         }
     }
@@ -189,6 +208,12 @@ pub struct Checkpoint {
     pub chains: Vec<(Uuid, u64)>,
     /// Last seq of recently closed session chains, oldest first.
     pub recently_closed: Vec<(Uuid, u64)>,
+    /// Newest heartbeat seen per edge name (record timestamp, ns).
+    #[serde(default)]
+    pub heartbeats: Vec<(String, i64)>,
+    /// Sessions already reported `edge_lost`: a late close record adds no second row.
+    #[serde(default)]
+    pub lost: Vec<Uuid>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -245,8 +270,55 @@ async fn load_marker(store: &dyn ObjectStore, key: &str) -> Result<Marker, Recor
     Ok(m)
 }
 
+/// Removes every committed range whose newest record is older than `older_than`,
+/// except the last range of each partition (recorders resume from it). The marker
+/// goes first, so readers stop using the files before they disappear; a crash between
+/// the two leaves files no marker lists, which readers ignore. Returns the ranges
+/// removed.
+pub async fn expire_ranges(
+    store: &dyn ObjectStore,
+    older_than: Duration,
+) -> Result<u64, RecorderError> {
+    let cutoff = SystemTime::now()
+        .checked_sub(older_than)
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(i64::MIN, |d| d.as_nanos() as i64);
+    let keys: Vec<String> = store
+        .list("_ranges/")
+        .await?
+        .into_iter()
+        .map(|m| m.key)
+        .filter(|k| k.ends_with(".json"))
+        .collect();
+    let mut removed = 0;
+    for (i, key) in keys.iter().enumerate() {
+        let partition_dir = key.rsplit_once('/').map(|(d, _)| d);
+        let last_of_partition = keys
+            .get(i + 1)
+            .is_none_or(|next| next.rsplit_once('/').map(|(d, _)| d) != partition_dir);
+        if last_of_partition {
+            continue;
+        }
+        let m = load_marker(store, key).await?;
+        if m.records == 0 || m.max_ts >= cutoff {
+            continue;
+        }
+        store.delete(key).await?;
+        for f in &m.files {
+            store.delete(&f.key).await?;
+        }
+        removed += 1;
+    }
+    if removed > 0 {
+        tracing::info!(ranges = removed, "archive retention removed expired ranges");
+    }
+    Ok(removed)
+}
+
 /// The state of one partition between ranges, rebuilt from a checkpoint.
 struct ChainState {
+    heartbeats: HashMap<String, i64>,
+    lost: std::collections::HashSet<Uuid>,
     sessions: HashMap<Uuid, SessionRow>,
     streams: HashMap<(Uuid, u64), StreamRow>,
     chains: HashMap<Uuid, u64>,
@@ -257,6 +329,8 @@ struct ChainState {
 impl ChainState {
     fn from_checkpoint(c: Checkpoint) -> Self {
         Self {
+            heartbeats: c.heartbeats.into_iter().collect(),
+            lost: c.lost.into_iter().collect(),
             sessions: c
                 .open_sessions
                 .into_iter()
@@ -287,13 +361,60 @@ impl ChainState {
                 .collect(),
             chains: self.chains.iter().map(|(k, v)| (*k, *v)).collect(),
             recently_closed: self.recently_closed.iter().copied().collect(),
+            heartbeats: self
+                .heartbeats
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
+            lost: self.lost.iter().copied().collect(),
         };
+        c.heartbeats.sort();
+        c.lost.sort();
         // Deterministic bytes for the same state.
         c.open_sessions.sort_by_key(|s| s.row.session_id);
         c.open_streams
             .sort_by_key(|s| (s.row.session_id, s.row.stream_id));
         c.chains.sort();
         c
+    }
+
+    /// Sessions of edges whose newest heartbeat (as seen in `heartbeats`, merged over
+    /// every partition this recorder owns) is older than `now - after`: closed
+    /// `edge_lost` at that heartbeat's time. Edges never seen beating are left alone —
+    /// their heartbeats may live in a partition another recorder owns.
+    fn take_lost(
+        &mut self,
+        heartbeats: &HashMap<String, i64>,
+        now: i64,
+        after: Duration,
+    ) -> Vec<SessionRow> {
+        let limit = now.saturating_sub(after.as_nanos() as i64);
+        let lost: Vec<Uuid> = self
+            .sessions
+            .values()
+            .filter(|s| {
+                heartbeats
+                    .get(&s.edge)
+                    .is_some_and(|hb| (*hb).max(s.opened_at) < limit)
+            })
+            .map(|s| s.session_id)
+            .collect();
+        let mut rows = Vec::new();
+        for id in lost {
+            if let Some(mut s) = self.sessions.remove(&id) {
+                s.closed_at = heartbeats[&s.edge].max(s.opened_at);
+                s.close_reason = cloudtap_schemas::CloseReason::EdgeLost.as_str().into();
+                s.close_detail = format!(
+                    "no heartbeat from edge {:?} for over {} s",
+                    s.edge,
+                    after.as_secs()
+                );
+                s.records = self.chains.get(&id).map_or(0, |seq| seq + 1);
+                self.lost.insert(id);
+                rows.push(s);
+            }
+        }
+        rows
     }
 
     /// Whether `r` was already archived (same chain, seq not newer).
@@ -378,6 +499,9 @@ impl ChainState {
                 true
             }
             Body::SessionClosed(c) => {
+                // Already reported edge_lost: the events table has the close, the
+                // sessions table keeps its one row.
+                self.lost.remove(&r.chain_id);
                 if let Some(mut s) = self.sessions.remove(&r.chain_id) {
                     s.closed_at = r.ts_unix_nanos;
                     s.close_reason = c.reason.as_str().into();
@@ -413,6 +537,11 @@ impl ChainState {
                 true
             }
             Body::Gap(_) => true,
+            Body::Heartbeat(h) => {
+                let seen = self.heartbeats.entry(h.edge.clone()).or_insert(i64::MIN);
+                *seen = (*seen).max(r.ts_unix_nanos);
+                false
+            }
             _ => self.sessions.contains_key(&r.chain_id),
         }
     }
@@ -534,6 +663,9 @@ impl Recorder {
         for w in parts.values_mut() {
             self.commit(w, &mut reader, cancel).await?;
         }
+        if let Some(age) = self.cfg.retention {
+            expire_ranges(self.store.as_ref(), age).await?;
+        }
         let after = self.snapshot();
         Ok(DrainReport {
             records: after.records - before.records,
@@ -558,13 +690,23 @@ impl Recorder {
             None => Box::new(SoloReader::new(self.log.clone()).await?),
         };
         let mut parts: BTreeMap<u32, PartitionWork> = BTreeMap::new();
+        let mut last_expiry: Option<std::time::Instant> = None;
         loop {
             let ev = tokio::select! {
                 ev = tokio::time::timeout(self.cfg.flush_idle, reader.next()) => ev,
                 _ = cancel.cancelled() => break,
             };
+            if let Some(age) = self.cfg.retention
+                && last_expiry.is_none_or(|t| t.elapsed() > Duration::from_secs(600))
+            {
+                last_expiry = Some(std::time::Instant::now());
+                if let Err(e) = expire_ranges(self.store.as_ref(), age).await {
+                    tracing::warn!(error = %e, "archive retention failed; retrying in 10 minutes");
+                }
+            }
             match ev {
                 Err(_idle) => {
+                    self.mark_lost(&mut parts);
                     for w in parts.values_mut() {
                         if !w.pending.is_empty() {
                             self.commit(w, reader.as_mut(), &cancel).await?;
@@ -613,6 +755,26 @@ impl Recorder {
             }
         }
         Ok(())
+    }
+
+    /// Moves sessions of edges that stopped beating into their partition's pending
+    /// range as `edge_lost` rows (they are written with that partition's next range).
+    fn mark_lost(&self, parts: &mut BTreeMap<u32, PartitionWork>) {
+        let mut beats: HashMap<String, i64> = HashMap::new();
+        for w in parts.values() {
+            for (edge, ts) in &w.state.heartbeats {
+                let e = beats.entry(edge.clone()).or_insert(i64::MIN);
+                *e = (*e).max(*ts);
+            }
+        }
+        let now = cloudtap_schemas::now_unix_nanos();
+        for w in parts.values_mut() {
+            let rows = w.state.take_lost(&beats, now, self.cfg.edge_lost_after);
+            for r in &rows {
+                tracing::warn!(session_id = %r.session_id, edge = %r.edge, "edge lost: session marked closed (edge_lost)");
+            }
+            w.pending.sessions.extend(rows);
+        }
     }
 
     /// Where partition `p` continues: after its last marker, with that checkpoint.
@@ -736,10 +898,18 @@ impl Recorder {
         let Some(first) = w.pending.first else {
             return Ok(());
         };
-        let mut range = std::mem::take(&mut w.pending);
+        let range = std::mem::take(&mut w.pending);
         let last = range.last;
         let p = w.partition;
-        let files = build_files(p, first, last, &mut range)?;
+        // Sorting and encoding is CPU work: off the async workers.
+        let (range, files) = tokio::task::spawn_blocking(move || {
+            let mut range = range;
+            let files = build_files(p, first, last, &mut range);
+            (range, files)
+        })
+        .await
+        .expect("encoding task panicked");
+        let files = files?;
         let checkpoint = w.state.checkpoint();
         let mut marked = Vec::with_capacity(files.len());
         for (key, table, rows, data) in files {
@@ -1055,6 +1225,193 @@ fn encode(batch: &RecordBatch, table: &str, range_tag: &str) -> Result<Bytes, Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::MemoryLog;
+    use crate::store::LocalStore;
+    use cloudtap_schemas::{Audit, ChainWriter};
+
+    fn audit(w: &mut ChainWriter, ts: i64, i: u64) -> Record {
+        w.seal(
+            ts,
+            Body::Audit(Audit {
+                actor: "t".into(),
+                action: format!("a{i}"),
+                detail: String::new(),
+            }),
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sessions_of_an_edge_that_stopped_beating_are_closed_edge_lost_once() {
+        use cloudtap_schemas::{Heartbeat, SessionClosed, SessionOpened};
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir.path()));
+        let log = Arc::new(MemoryLog::new());
+        let now = cloudtap_schemas::now_unix_nanos();
+        let s = 1_000_000_000i64;
+        let beat = |w: &mut ChainWriter, edge: &str, ts| {
+            w.seal(
+                ts,
+                Body::Heartbeat(Heartbeat {
+                    edge: edge.into(),
+                    open_sessions: 1,
+                }),
+            )
+        };
+        let open = |w: &mut ChainWriter, edge: &str, ts| {
+            w.seal(
+                ts,
+                Body::SessionOpened(SessionOpened {
+                    edge: edge.into(),
+                    target: "db".into(),
+                    ..Default::default()
+                }),
+            )
+        };
+        let (mut e1, mut e2) = (
+            ChainWriter::new(Uuid::now_v7()),
+            ChainWriter::new(Uuid::now_v7()),
+        );
+        let (mut s1, mut s2) = (
+            ChainWriter::new(Uuid::now_v7()),
+            ChainWriter::new(Uuid::now_v7()),
+        );
+        log.append(vec![
+            beat(&mut e1, "e1", now - 120 * s),
+            open(&mut s1, "e1", now - 119 * s),
+            beat(&mut e2, "e2", now - 1),
+            open(&mut s2, "e2", now),
+        ])
+        .await
+        .unwrap();
+        let settings = RecorderSettings {
+            flush_idle: Duration::from_millis(50),
+            edge_lost_after: Duration::from_secs(60),
+            ..RecorderSettings::default()
+        };
+        let rec = Recorder::new(log.clone(), store.clone(), settings);
+        let stats = rec.stats();
+        let cancel = CancellationToken::new();
+        let run = tokio::spawn(rec.run(cancel.clone()));
+        let wait_ranges = |n: u64| {
+            let stats = stats.clone();
+            async move {
+                for _ in 0..200 {
+                    if stats.ranges_committed.load(Ordering::Relaxed) >= n {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+                panic!("waited 5 s for {n} committed ranges");
+            }
+        };
+        wait_ranges(1).await;
+        // The lost row rides with the partition's next range.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        log.append(vec![beat(
+            &mut e2,
+            "e2",
+            cloudtap_schemas::now_unix_nanos(),
+        )])
+        .await
+        .unwrap();
+        wait_ranges(2).await;
+        // A late close of the lost session adds no second row.
+        log.append(vec![s1.seal_now(Body::SessionClosed(SessionClosed {
+            reason: cloudtap_schemas::CloseReason::EdgeRestart,
+            detail: String::new(),
+            bytes_up: 0,
+            bytes_down: 0,
+            streams: 0,
+        }))])
+        .await
+        .unwrap();
+        wait_ranges(3).await;
+        cancel.cancel();
+        run.await.unwrap().unwrap();
+
+        let mut rows = Vec::new();
+        for m in read_markers(store.as_ref()).await.unwrap() {
+            for f in m.files.iter().filter(|f| f.table == "sessions") {
+                let data = store.get(&f.key).await.unwrap().unwrap();
+                for b in
+                    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(data)
+                        .unwrap()
+                        .build()
+                        .unwrap()
+                {
+                    let b = b.unwrap();
+                    let col = |n: &str| {
+                        b.column_by_name(n)
+                            .unwrap()
+                            .as_any()
+                            .downcast_ref::<arrow::array::StringArray>()
+                            .unwrap()
+                            .clone()
+                    };
+                    let (ids, reasons) = (col("session_id"), col("close_reason"));
+                    for i in 0..b.num_rows() {
+                        rows.push((ids.value(i).to_owned(), reasons.value(i).to_owned()));
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            rows,
+            vec![(s1.chain_id().to_string(), "edge_lost".to_string())]
+        );
+    }
+
+    #[tokio::test]
+    async fn expired_ranges_go_marker_first_and_the_last_range_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir.path()));
+        let log = Arc::new(MemoryLog::new());
+        let mut w = ChainWriter::new(Uuid::now_v7());
+        let day = 86_400 * 1_000_000_000i64;
+        let now = cloudtap_schemas::now_unix_nanos();
+        // Three old ranges (ten days ago, cut by their 30 s buckets), then a new one.
+        let mut recs = Vec::new();
+        for (k, ts) in [
+            now - 10 * day,
+            now - 10 * day + 60_000_000_000,
+            now - 9 * day,
+            now,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            for i in 0..5 {
+                recs.push(audit(&mut w, ts, (k * 5 + i) as u64));
+            }
+        }
+        log.append(recs).await.unwrap();
+        let rec = Recorder::new(log.clone(), store.clone(), RecorderSettings::default());
+        let report = rec.drain(&CancellationToken::new()).await.unwrap();
+        assert_eq!((report.records, report.ranges), (20, 4));
+        let before = store.list("").await.unwrap().len();
+        // Nothing is a week old yet but the first three ranges.
+        let removed = expire_ranges(store.as_ref(), Duration::from_secs(7 * 86_400))
+            .await
+            .unwrap();
+        assert_eq!(removed, 3);
+        let markers = read_markers(store.as_ref()).await.unwrap();
+        assert_eq!(markers.len(), 1);
+        assert_eq!(markers[0].first, 15);
+        // Their files are gone too; the last range's remain.
+        let left: Vec<String> = store
+            .list("")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.key)
+            .collect();
+        assert_eq!(left.len(), before - 3 * 2, "{left:?}");
+        // The last range of a partition is kept even when old: recorders resume from it.
+        assert_eq!(
+            expire_ranges(store.as_ref(), Duration::ZERO).await.unwrap(),
+            0
+        );
+    }
 
     #[test]
     fn hive_partitions_are_utc_dates_and_hours() {

@@ -50,6 +50,9 @@ pub struct FileLogConfig {
     pub segment_bytes: u64,
     /// Bound of the appenders → writer channel, in batches.
     pub queue_batches: usize,
+    /// Below this much free space on the log's filesystem, [`EventLog::disk_low`]
+    /// says so and the edge takes no new sessions (default 512 MiB).
+    pub min_free_bytes: u64,
 }
 
 impl FileLogConfig {
@@ -59,6 +62,7 @@ impl FileLogConfig {
             fsync: FsyncPolicy::default(),
             segment_bytes: 64 * 1024 * 1024,
             queue_batches: 256,
+            min_free_bytes: 512 * 1024 * 1024,
         }
     }
 }
@@ -68,11 +72,24 @@ struct AppendReq {
     reply: oneshot::Sender<Result<Position, LogError>>,
 }
 
+/// Retention asked of the writer thread (which owns the segments).
+struct RetainReq {
+    archived: u64,
+    policy: crate::Retention,
+    reply: oneshot::Sender<Result<u64, LogError>>,
+}
+
+enum WriterMsg {
+    Append(AppendReq),
+    Retain(RetainReq),
+}
+
 /// Segment-file [`EventLog`]. Cheap to clone? No: share it behind an `Arc`.
 pub struct FileLog {
     dir: PathBuf,
-    tx: mpsc::Sender<AppendReq>,
+    tx: mpsc::Sender<WriterMsg>,
     durable: watch::Receiver<u64>,
+    min_free_bytes: u64,
 }
 
 impl FileLog {
@@ -112,27 +129,33 @@ impl FileLog {
             dir: config.dir,
             tx,
             durable,
+            min_free_bytes: config.min_free_bytes,
         })
     }
 }
 
 fn writer_thread(
     mut log: SegmentLog,
-    mut rx: mpsc::Receiver<AppendReq>,
+    mut rx: mpsc::Receiver<WriterMsg>,
     durable: watch::Sender<u64>,
     fsync: FsyncPolicy,
 ) {
     let mut group: Vec<AppendReq> = Vec::new();
+    let mut retains: Vec<RetainReq> = Vec::new();
     let mut encoded: Vec<Vec<u8>> = Vec::new();
+    let take = |m: WriterMsg, group: &mut Vec<AppendReq>, retains: &mut Vec<RetainReq>| match m {
+        WriterMsg::Append(r) => group.push(r),
+        WriterMsg::Retain(r) => retains.push(r),
+    };
     while let Some(first) = rx.blocking_recv() {
-        group.push(first);
+        take(first, &mut group, &mut retains);
         if let FsyncPolicy::Group { window } = fsync
             && !window.is_zero()
         {
             let deadline = Instant::now() + window;
             while Instant::now() < deadline {
                 match rx.try_recv() {
-                    Ok(r) => group.push(r),
+                    Ok(r) => take(r, &mut group, &mut retains),
                     Err(mpsc::error::TryRecvError::Empty) => {
                         std::thread::sleep(Duration::from_micros(100))
                     }
@@ -141,7 +164,27 @@ fn writer_thread(
             }
         }
         while let Ok(r) = rx.try_recv() {
-            group.push(r);
+            take(r, &mut group, &mut retains);
+        }
+        for r in retains.drain(..) {
+            let cutoff = log.retention_cutoff(r.archived, r.policy.max_age, r.policy.max_bytes);
+            let res = log
+                .remove_segments_below(cutoff)
+                .map(|n| n as u64)
+                .map_err(LogError::from);
+            if let Ok(n) = &res
+                && *n > 0
+            {
+                tracing::info!(
+                    segments = n,
+                    below = cutoff,
+                    "log retention removed archived segments"
+                );
+            }
+            let _ = r.reply.send(res);
+        }
+        if group.is_empty() {
+            continue;
         }
 
         // Write every batch of the group, remembering each one's last offset.
@@ -297,7 +340,7 @@ impl EventLog for FileLog {
             }
             let (reply, rx) = oneshot::channel();
             self.tx
-                .send(AppendReq { batch, reply })
+                .send(WriterMsg::Append(AppendReq { batch, reply }))
                 .await
                 .map_err(|_| LogError::Closed)?;
             rx.await.map_err(|_| LogError::Closed)?
@@ -353,6 +396,43 @@ impl EventLog for FileLog {
     fn describe(&self) -> String {
         format!("file://{}", self.dir.display())
     }
+
+    fn disk_low(&self) -> Option<String> {
+        let st = rustix::fs::statvfs(&self.dir).ok()?;
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
+        (free < self.min_free_bytes).then(|| {
+            format!(
+                "the traffic log's disk has {} MiB free, below the {} MiB minimum (log_min_free_mb)",
+                free / (1024 * 1024),
+                self.min_free_bytes / (1024 * 1024)
+            )
+        })
+    }
+
+    fn health(&self) -> Option<String> {
+        self.disk_low()
+    }
+
+    fn retain(
+        &self,
+        archived: &Offsets,
+        policy: crate::Retention,
+    ) -> BoxFuture<'_, Result<u64, LogError>> {
+        let archived = archived.get(0);
+        async move {
+            let (reply, rx) = oneshot::channel();
+            self.tx
+                .send(WriterMsg::Retain(RetainReq {
+                    archived,
+                    policy,
+                    reply,
+                }))
+                .await
+                .map_err(|_| LogError::Closed)?;
+            rx.await.map_err(|_| LogError::Closed)?
+        }
+        .boxed()
+    }
 }
 
 /// The first offset still on disk (segment files are named by their first offset).
@@ -376,6 +456,7 @@ fn tokio_stream_from<T: Send + 'static>(rx: mpsc::Receiver<T>) -> BoxStream<'sta
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cloudtap_schemas::{Audit, Body, ChainWriter};
     use std::sync::Arc;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -415,5 +496,72 @@ mod tests {
         let log = FileLog::open(FileLogConfig::new(dir.path())).await.unwrap();
         assert_eq!(log.end().await.unwrap().get(0), 50);
         assert_eq!(log.read_chain(w.chain_id()).await.unwrap(), recs);
+    }
+
+    #[tokio::test]
+    async fn retention_removes_only_archived_segments_past_the_policy() {
+        use crate::{Offsets, Retention};
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = FileLogConfig::new(dir.path());
+        cfg.segment_bytes = 4096; // many small segments
+        let log = FileLog::open(cfg).await.unwrap();
+        let mut w = ChainWriter::new(uuid::Uuid::now_v7());
+        for i in 0..400 {
+            log.append(vec![w.seal_now(Body::Audit(Audit {
+                actor: "t".into(),
+                action: format!("a{i}"),
+                detail: "x".repeat(64),
+            }))])
+            .await
+            .unwrap();
+        }
+        let segments = || {
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .path()
+                        .extension()
+                        .is_some_and(|x| x == "log")
+                })
+                .count()
+        };
+        let before = segments();
+        assert!(before > 5);
+        let archived = |n: u64| Offsets([(0, n)].into());
+        // No policy reason: nothing goes, archived or not.
+        assert_eq!(
+            log.retain(&archived(400), Retention::default())
+                .await
+                .unwrap(),
+            0
+        );
+        // A size bound of 0 would remove everything, but only what is archived may go.
+        let size_zero = Retention {
+            max_age: None,
+            max_bytes: Some(0),
+        };
+        let removed = log.retain(&archived(150), size_zero).await.unwrap();
+        assert!(removed > 0);
+        assert_eq!(segments(), before - removed as usize);
+        // Everything not archived is still there, and reads start at the new oldest.
+        let all: Vec<Record> = crate::read_to(&log, log.end().await.unwrap())
+            .map(|e| e.unwrap().record)
+            .collect()
+            .await;
+        let first = all.first().unwrap().seq;
+        assert!(first <= 150 && first > 0, "oldest kept seq {first}");
+        assert_eq!(all.last().unwrap().seq, 399);
+        // An age bound removes archived segments older than it.
+        let age = Retention {
+            max_age: Some(Duration::ZERO),
+            max_bytes: None,
+        };
+        log.retain(&archived(400), age).await.unwrap();
+        assert!(
+            segments() <= 2,
+            "only the active segment (and maybe one) stays"
+        );
     }
 }

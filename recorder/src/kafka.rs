@@ -11,9 +11,10 @@
 //! - Readers assign partitions directly (no group) for `subscribe`, `read_chain` and
 //!   `end`; the recorder reads as a consumer group through [`KafkaLog::group_reader`].
 //! - Every librdkafka property can be passed through the URL's query string
-//!   (`kafka://host:9092?compression.type=zstd&security.protocol=ssl`). This build
-//!   compiles librdkafka without OpenSSL, SASL or zstd: `security.protocol` other than
-//!   `plaintext`, and zstd/gzip/snappy compression, are refused by librdkafka at start.
+//!   (`kafka://host:9092?compression.type=snappy&linger.ms=20`). This build compiles
+//!   librdkafka without OpenSSL, zlib, zstd or Cyrus SASL: `security.protocol=ssl`,
+//!   `sasl_ssl`, gzip and zstd compression are refused by librdkafka at start
+//!   (`sasl_plaintext` with PLAIN works, but sends the password unencrypted).
 //! - `single_record_batches=true` makes every produced record a batch of its own. The
 //!   tansu 0.6 broker needs it: with multi-record batches it reports a partition's
 //!   high watermark as the last batch's base offset + 1, and a fetch from an offset
@@ -178,11 +179,10 @@ pub struct KafkaLog {
     partitions: u32,
     producer: FutureProducer<Ctx>,
     ctx: Ctx,
-    /// Appends in flight, and when the oldest of the current run began (ms since
-    /// `started`; 0 when none), for the health report.
-    in_flight: Arc<AtomicU64>,
-    oldest_pending_ms: Arc<AtomicU64>,
-    started: Instant,
+    /// Appends in flight by id, with when each began, for the health report: the
+    /// oldest one tells how long the broker has kept us waiting.
+    in_flight: Mutex<BTreeMap<u64, Instant>>,
+    next_append: AtomicU64,
     /// A consumer for metadata and watermark requests.
     meta: Arc<BaseConsumer<Ctx>>,
 }
@@ -193,9 +193,30 @@ impl KafkaLog {
         let ctx = Ctx::default();
         let kerr = |what: &'static str| {
             let brokers = cfg.brokers.clone();
-            move |e: KafkaError| LogError::Kafka {
-                what: format!("{what} ({brokers})"),
-                source: e,
+            let secrets: Vec<String> = cfg.properties.values().cloned().collect();
+            move |e: KafkaError| match e {
+                // librdkafka's message for a refused property repeats its value, which
+                // may be a password: say which property, never what it was set to.
+                KafkaError::ClientCreation(_) | KafkaError::ClientConfig(..) => {
+                    let mut msg = match e {
+                        KafkaError::ClientConfig(_, desc, key, _) => {
+                            format!("{desc} (property {key})")
+                        }
+                        KafkaError::ClientCreation(m) => m,
+                        _ => unreachable!(),
+                    };
+                    for v in secrets.iter().filter(|v| !v.is_empty()) {
+                        msg = msg.replace(v.as_str(), "…");
+                    }
+                    LogError::Kafka {
+                        what: format!("{what} ({brokers})"),
+                        source: KafkaError::ClientCreation(msg),
+                    }
+                }
+                e => LogError::Kafka {
+                    what: format!("{what} ({brokers})"),
+                    source: e,
+                },
             }
         };
         let admin: AdminClient<Ctx> = cfg
@@ -281,9 +302,8 @@ impl KafkaLog {
             partitions,
             producer,
             ctx,
-            in_flight: Arc::default(),
-            oldest_pending_ms: Arc::default(),
-            started: Instant::now(),
+            in_flight: Mutex::default(),
+            next_append: AtomicU64::new(0),
             meta,
         })
     }
@@ -581,26 +601,29 @@ impl EventLog for KafkaLog {
     }
 
     fn health(&self) -> Option<String> {
-        let oldest = self.oldest_pending_ms.load(Ordering::Acquire);
-        if self.in_flight.load(Ordering::Acquire) > 0 && oldest > 0 {
-            let waited = self.started.elapsed().as_millis() as u64 - oldest;
-            if waited > 2_000 {
-                let why = self
-                    .ctx
-                    .last_error
-                    .lock()
-                    .expect("ctx poisoned")
-                    .as_ref()
-                    .filter(|(at, _)| at.elapsed() < Duration::from_secs(60))
-                    .map(|(_, r)| format!(": {r}"))
-                    .unwrap_or_default();
-                return Some(format!(
-                    "the Kafka broker has not acknowledged appends for {:.1} s{why}",
-                    waited as f64 / 1000.0
-                ));
-            }
+        let oldest = *self
+            .in_flight
+            .lock()
+            .expect("in-flight poisoned")
+            .values()
+            .min()?;
+        let waited = oldest.elapsed();
+        if waited < Duration::from_secs(2) {
+            return None;
         }
-        None
+        let why = self
+            .ctx
+            .last_error
+            .lock()
+            .expect("ctx poisoned")
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < Duration::from_secs(60))
+            .map(|(_, r)| format!(": {r}"))
+            .unwrap_or_default();
+        Some(format!(
+            "the Kafka broker has not acknowledged an append for {:.1} s{why}",
+            waited.as_secs_f64()
+        ))
     }
 
     fn group_reader(&self, group: &str) -> Option<Result<Box<dyn PartitionReader>, LogError>> {
@@ -611,28 +634,27 @@ impl EventLog for KafkaLog {
 /// Marks an append in flight for the health report.
 struct InFlight<'a> {
     log: &'a KafkaLog,
+    id: u64,
 }
 
 impl<'a> InFlight<'a> {
     fn enter(log: &'a KafkaLog) -> Self {
-        if log.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
-            let now = (log.started.elapsed().as_millis() as u64).max(1);
-            log.oldest_pending_ms.store(now, Ordering::Release);
-        }
-        Self { log }
+        let id = log.next_append.fetch_add(1, Ordering::Relaxed);
+        log.in_flight
+            .lock()
+            .expect("in-flight poisoned")
+            .insert(id, Instant::now());
+        Self { log, id }
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        if self.log.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.log.oldest_pending_ms.store(0, Ordering::Release);
-        } else {
-            // Others still wait; restart the clock from now so one slow append among
-            // many does not read as a stalled broker forever.
-            let now = (self.log.started.elapsed().as_millis() as u64).max(1);
-            self.log.oldest_pending_ms.store(now, Ordering::Release);
-        }
+        self.log
+            .in_flight
+            .lock()
+            .expect("in-flight poisoned")
+            .remove(&self.id);
     }
 }
 
@@ -777,6 +799,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!e.contains("hunter2"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_refused_property_is_named_but_its_value_never_shown() {
+        let cfg = KafkaLogConfig::from_url(
+            "kafka://127.0.0.1:1/t?sasl.pasword=hunter2-secret&security.protocol=plaintext",
+        )
+        .unwrap();
+        let err = KafkaLog::open(cfg)
+            .await
+            .err()
+            .expect("a bad property fails");
+        let msg = format!("{err} {err:?}");
+        assert!(!msg.contains("hunter2-secret"), "{msg}");
     }
 
     #[test]

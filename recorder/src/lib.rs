@@ -7,8 +7,8 @@
 //! - [`MemoryLog`] — in memory, for unit tests of other modules;
 //! - [`KafkaLog`] — a Kafka topic through rdkafka, for fleets of edges.
 //!
-//! All three pass the same conformance suite (`conformance.rs`; Kafka's against a real
-//! broker in `tests/kafka.rs`).
+//! All three pass the same conformance suite (`conformance.rs`; Kafka's against the
+//! real broker, in `kafka.rs`'s tests).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -188,12 +188,37 @@ pub trait EventLog: Send + Sync + 'static {
         None
     }
 
+    /// Why the log's disk is too full to take new sessions, if it is (local log only).
+    fn disk_low(&self) -> Option<String> {
+        None
+    }
+
+    /// Removes records that are both archived (before `archived`) and past `policy`;
+    /// returns how many segments went. Backends whose storage has its own retention
+    /// (Kafka's topic settings) do nothing.
+    fn retain(
+        &self,
+        _archived: &Offsets,
+        _policy: Retention,
+    ) -> BoxFuture<'_, Result<u64, LogError>> {
+        use futures::FutureExt;
+        futures::future::ready(Ok(0)).boxed()
+    }
+
     /// A reader that shares partitions with the other members of consumer group
     /// `group`, when the backend has groups (Kafka); `None` otherwise, and the caller
     /// reads every partition itself with [`SoloReader`].
     fn group_reader(&self, _group: &str) -> Option<Result<Box<dyn PartitionReader>, LogError>> {
         None
     }
+}
+
+/// Retention of the local log: archived records go once older than `max_age` or
+/// while the log is larger than `max_bytes`; records not yet archived never do.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retention {
+    pub max_age: Option<std::time::Duration>,
+    pub max_bytes: Option<u64>,
 }
 
 /// What a [`PartitionReader`] yields.
@@ -313,6 +338,7 @@ pub fn read_to(log: &dyn EventLog, end: Offsets) -> BoxStream<'static, Result<Lo
 pub async fn open_log(
     url: &str,
     fsync: FsyncPolicy,
+    min_free_bytes: u64,
 ) -> Result<std::sync::Arc<dyn EventLog>, LogError> {
     if url == "memory://" {
         return Ok(std::sync::Arc::new(MemoryLog::new()));
@@ -333,5 +359,6 @@ pub async fn open_log(
     };
     let mut cfg = FileLogConfig::new(path);
     cfg.fsync = fsync;
+    cfg.min_free_bytes = min_free_bytes;
     Ok(std::sync::Arc::new(FileLog::open(cfg).await?))
 }

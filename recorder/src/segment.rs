@@ -399,6 +399,40 @@ impl SegmentLog {
         Ok(removed)
     }
 
+    /// The offset below which retention may remove segments: every whole sealed
+    /// segment that lies below `archived` (already in the archive) and is older than
+    /// `max_age` (by its file's modification time, when it was sealed) or keeps the
+    /// log over `max_bytes`. Oldest first; never the active segment.
+    pub fn retention_cutoff(
+        &self,
+        archived: u64,
+        max_age: Option<std::time::Duration>,
+        max_bytes: Option<u64>,
+    ) -> u64 {
+        let mut total = self.disk_bytes();
+        let mut cutoff = self.first_offset();
+        for (i, seg) in self.sealed.iter().enumerate() {
+            let end = self.sealed.get(i + 1).map_or(self.active.base, |s| s.base);
+            if end > archived {
+                break;
+            }
+            let too_old = max_age.is_some_and(|age| {
+                fs::metadata(log_path(&self.config.dir, seg.base))
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|e| e > age)
+            });
+            let too_big = max_bytes.is_some_and(|b| total > b);
+            if !(too_old || too_big) {
+                break;
+            }
+            total = total.saturating_sub(seg.bytes);
+            cutoff = end;
+        }
+        cutoff
+    }
+
     /// Total bytes of all segment files (logs and their indexes).
     pub fn disk_bytes(&self) -> u64 {
         let sealed: u64 = self.sealed.iter().map(|s| s.bytes).sum();

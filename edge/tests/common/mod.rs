@@ -54,13 +54,6 @@ pub fn config(targets: &[(&str, String)]) -> EdgeConfig {
 
 impl TestEdge {
     pub async fn start(cfg: EdgeConfig) -> TestEdge {
-        // RUST_LOG=… shows the edge's (and yamux's) logs when debugging a test.
-        if std::env::var_os("RUST_LOG").is_some() {
-            let _ = tracing_subscriber::fmt()
-                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-                .with_test_writer()
-                .try_init();
-        }
         let dir = tempfile::tempdir().unwrap();
         Self::start_in(dir, cfg).await
     }
@@ -81,6 +74,13 @@ impl TestEdge {
         cfg: EdgeConfig,
         log: Arc<dyn EventLog>,
     ) -> TestEdge {
+        // RUST_LOG=… shows the edge's (and yamux's) logs when debugging a test.
+        if std::env::var_os("RUST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_test_writer()
+                .try_init();
+        }
         let pki = DevPki::new(dir.path());
         pki.ensure().unwrap();
         let seed = std::fs::read_to_string(pki.signing_key()).unwrap();
@@ -281,4 +281,20 @@ pub fn refused(e: &ClientError) -> (&str, String) {
         ClientError::Refused { code, message } => (code.as_str(), message.clone()),
         other => panic!("expected a refusal, got {other}"),
     }
+}
+
+/// A minimal HTTP/1.1 GET against `base` (`http://host:port`); the whole response.
+pub fn http_get(base: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let addr = base.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
 }
