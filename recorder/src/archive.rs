@@ -46,8 +46,9 @@ use crate::{EventLog, LogEntry, LogError, PartitionReader, ReaderEvent, SoloRead
 
 /// Version of the commit marker's JSON layout.
 pub const MARKER_FORMAT: u32 = 1;
-/// Closed session chains remembered per partition for dropping late duplicates.
-const RECENTLY_CLOSED: usize = 10_000;
+/// Closed session chains remembered per partition for dropping late duplicates (an
+/// edge resends only what it sent moments before; every marker carries this list).
+const RECENTLY_CLOSED: usize = 1024;
 
 #[derive(Debug, Clone)]
 pub struct RecorderSettings {
@@ -569,6 +570,8 @@ impl PendingRange {
 /// One partition this recorder owns.
 struct PartitionWork {
     partition: u32,
+    /// When this partition last received a record (for the per-partition idle flush).
+    last_push: std::time::Instant,
     /// Next offset to archive.
     next: u64,
     state: ChainState,
@@ -737,7 +740,15 @@ impl Recorder {
                 }
                 Ok(Ok(ReaderEvent::Entry(e))) => {
                     if let Some(w) = parts.get_mut(&e.position.partition) {
+                        w.last_push = std::time::Instant::now();
                         self.push(w, *e, reader.as_mut(), &cancel).await?;
+                    }
+                    // A quiet partition's pending range is committed even while
+                    // others stay busy.
+                    for w in parts.values_mut() {
+                        if !w.pending.is_empty() && w.last_push.elapsed() >= self.cfg.flush_idle {
+                            self.commit(w, reader.as_mut(), &cancel).await?;
+                        }
                     }
                 }
             }
@@ -811,6 +822,7 @@ impl Recorder {
             .insert(p, next);
         Ok(PartitionWork {
             partition: p,
+            last_push: std::time::Instant::now(),
             next,
             state: ChainState::from_checkpoint(checkpoint),
             pending: PendingRange::default(),
