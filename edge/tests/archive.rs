@@ -266,3 +266,96 @@ async fn two_hundred_sessions_through_kafka_land_in_parquet_on_s3_exactly_once()
         .unwrap();
     assert_eq!(again.records, 0);
 }
+
+/// Two recorders in one consumer group share a 3-partition topic while records keep
+/// arriving; together they archive every record exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_recorders_in_one_consumer_group_archive_everything_once() {
+    use cloudtap_recorder::store::LocalStore;
+    use cloudtap_schemas::{Audit, ChainWriter};
+    let Some(brokers) = testenv::service("CLOUDTAP_TEST_KAFKA", "recorder consumer group") else {
+        return;
+    };
+    let topic = format!("group-{}", uuid::Uuid::now_v7().simple());
+    let log = Arc::new(
+        KafkaLog::open(KafkaLogConfig::from_url(&testenv::kafka_url(&brokers, &topic, 3)).unwrap())
+            .await
+            .unwrap(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir.path()));
+    let settings = RecorderSettings {
+        group: format!("recorders-{topic}"),
+        range_records: 40,
+        flush_idle: std::time::Duration::from_millis(200),
+        ..RecorderSettings::default()
+    };
+    let cancel = CancellationToken::new();
+    let mut stats = Vec::new();
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        let r = Recorder::new(log.clone(), store.clone(), settings.clone());
+        stats.push(r.stats());
+        runs.push(tokio::spawn(r.run(cancel.clone())));
+    }
+    let mut chains: Vec<ChainWriter> = (0..9)
+        .map(|_| ChainWriter::new(uuid::Uuid::now_v7()))
+        .collect();
+    let mut sent = Vec::new();
+    for round in 0..30 {
+        for (i, w) in chains.iter_mut().enumerate() {
+            let batch: Vec<Record> = (0..3)
+                .map(|k| {
+                    w.seal_now(Body::Audit(Audit {
+                        actor: format!("chain-{i}"),
+                        action: format!("{round}-{k}"),
+                        detail: String::new(),
+                    }))
+                })
+                .collect();
+            log.append(batch.clone()).await.unwrap();
+            sent.extend(batch);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    }
+    let total = sent.len() as u64;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    loop {
+        let archived: u64 = stats
+            .iter()
+            .map(|s| {
+                s.records_archived
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            })
+            .sum();
+        if archived >= total {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited 90 s for the group to archive {total} records, got {archived}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    cancel.cancel();
+    for r in runs {
+        r.await.unwrap().unwrap();
+    }
+    let mut got = Vec::new();
+    for (table, b) in read_archive(store.as_ref()).await {
+        if table == "events" {
+            got.extend(tables::records_from_batch(&b).unwrap());
+        }
+    }
+    let distinct: HashSet<_> = got.iter().map(|r| (r.chain_id, r.seq)).collect();
+    assert_eq!(distinct.len(), got.len(), "a record was archived twice");
+    assert_eq!(got.len(), sent.len(), "records missing from the archive");
+    let shares: Vec<u64> = stats
+        .iter()
+        .map(|s| {
+            s.records_archived
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .collect();
+    eprintln!("records archived per recorder: {shares:?}");
+}
