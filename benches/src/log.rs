@@ -12,7 +12,7 @@
 //! - **Kafka append**: the same events through `KafkaLog` (idempotent, acks=all).
 //!   Baseline: rdkafka's producer sending the same bytes straight to the same broker
 //!   with the same settings, without cloudtap's encoding or bookkeeping.
-//! - **Parquet**: frames with 16 KiB payloads drained from the in-memory log into
+//! - **Parquet**: frames with 16 KiB incompressible payloads drained from the in-memory log into
 //!   Parquet on local disk and on the S3 server. Baseline: the same payload bytes
 //!   written as one object to the same store.
 //! - **Recorder lag**: a writer appending 16 KiB frames to the segment log as fast as
@@ -162,6 +162,7 @@ async fn bench_segment_log(a: &Args) {
             .await
             .unwrap(),
     );
+    eprintln!("appending to the segment log (pid {})", std::process::id());
     let took = append_all(log, per_task).await;
     println!("segment log append, {n} events of 100 bytes (default group commit, fsync per group)");
     println!("  cloudtap FileLog      {}", rate(n, bytes, took));
@@ -227,9 +228,19 @@ async fn bench_kafka(a: &Args, brokers: &str) {
 fn frames(mb: usize) -> (Vec<Record>, u64) {
     let mut out = Vec::new();
     let mut w = ChainWriter::new(uuid::Uuid::now_v7());
-    let payload: Vec<u8> = (0..16 * 1024).map(|i| (i * 7 % 251) as u8).collect();
-    let n = mb * 1024 * 1024 / payload.len();
+    // Incompressible payloads (xorshift), as TLS traffic through a tunnel would be:
+    // zstd cannot make the recorder look faster than the bytes it must write.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let n = mb * 1024 * 1024 / (16 * 1024);
     for i in 0..n as u64 {
+        let payload: Vec<u8> = (0..16 * 1024)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
         out.push(w.seal_now(Body::Frame(Frame {
             stream_id: i % 8,
             direction: Direction::Up,
@@ -238,7 +249,7 @@ fn frames(mb: usize) -> (Vec<Record>, u64) {
             payload: Some(payload.clone()),
         })));
     }
-    (out, (n * payload.len()) as u64)
+    (out, (n * 16 * 1024) as u64)
 }
 
 async fn bench_parquet(a: &Args, name: &str, store: Arc<dyn ObjectStore>) {
@@ -248,6 +259,7 @@ async fn bench_parquet(a: &Args, name: &str, store: Arc<dyn ObjectStore>) {
         log.append(c.to_vec()).await.unwrap();
     }
     let settings = RecorderSettings::default();
+    eprintln!("archiving frames to {name} (pid {})", std::process::id());
     let start = Instant::now();
     let report = Recorder::new(log, store.clone(), settings)
         .drain(&CancellationToken::new())
@@ -394,6 +406,14 @@ fn main() {
         .unwrap();
     rt.block_on(async {
         bench_segment_log(&a).await;
+        if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "segment") {
+            return;
+        }
+        if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "parquet") {
+            let local = tempfile::tempdir_in(&a.disk).unwrap();
+            bench_parquet(&a, "local disk", Arc::new(LocalStore::new(local.path()))).await;
+            return;
+        }
         if let Some(k) = &a.kafka {
             bench_kafka(&a, k).await;
         } else {

@@ -291,7 +291,9 @@ import duckdb, json, sys
 root = sys.argv[1]
 out = {}
 for t in ["frames", "events", "sessions", "streams"]:
-    rel = duckdb.sql(f"SELECT * FROM read_parquet('{root}/{t}/**/*.parquet', hive_partitioning = true)")
+    # The partition values are zero-padded ("hour=07"): declare their types, as
+    # docs/log-format.md tells readers to; inferred, "07" would be a VARCHAR.
+    rel = duckdb.sql(f"SELECT * FROM read_parquet('{root}/{t}/**/*.parquet', hive_partitioning = true, hive_types = {{'date': DATE, 'hour': INTEGER}})")
     out[t] = {"columns": [[c, str(ty)] for c, ty in zip(rel.columns, rel.types)],
               "rows": rel.count("*").fetchone()[0]}
 out["bytes"] = duckdb.sql(f"SELECT sum(octet_length(payload)) FROM read_parquet('{root}/frames/**/*.parquet')").fetchone()[0]
@@ -342,7 +344,7 @@ print(json.dumps(out))
             ("length", "UINTEGER"),
             ("payload", "BLOB"),
             ("date", "DATE"),
-            ("hour", "BIGINT"),
+            ("hour", "INTEGER"),
         ])
         .map(|(a, b)| (a.to_string(), b.to_string()))
         .collect();

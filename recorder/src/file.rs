@@ -68,7 +68,9 @@ impl FileLogConfig {
 }
 
 struct AppendReq {
-    batch: Vec<Record>,
+    /// The batch's records, already encoded by the appender (encoding runs on the
+    /// appenders' threads, in parallel; the writer thread only writes and syncs).
+    encoded: Vec<Vec<u8>>,
     reply: oneshot::Sender<Result<Position, LogError>>,
 }
 
@@ -142,7 +144,6 @@ fn writer_thread(
 ) {
     let mut group: Vec<AppendReq> = Vec::new();
     let mut retains: Vec<RetainReq> = Vec::new();
-    let mut encoded: Vec<Vec<u8>> = Vec::new();
     let take = |m: WriterMsg, group: &mut Vec<AppendReq>, retains: &mut Vec<RetainReq>| match m {
         WriterMsg::Append(r) => group.push(r),
         WriterMsg::Retain(r) => retains.push(r),
@@ -195,13 +196,7 @@ fn writer_thread(
                 results.push(Err(LogError::Closed));
                 continue;
             }
-            encoded.clear();
-            encoded.extend(
-                std::mem::take(&mut req.batch)
-                    .into_iter()
-                    .map(encode_record_owned),
-            );
-            let refs: Vec<&[u8]> = encoded.iter().map(Vec::as_slice).collect();
+            let refs: Vec<&[u8]> = req.encoded.iter().map(Vec::as_slice).collect();
             match log.append(&refs) {
                 Ok(range) => results.push(Ok(range.end.saturating_sub(1))),
                 Err(e) => {
@@ -340,7 +335,10 @@ impl EventLog for FileLog {
             }
             let (reply, rx) = oneshot::channel();
             self.tx
-                .send(WriterMsg::Append(AppendReq { batch, reply }))
+                .send(WriterMsg::Append(AppendReq {
+                    encoded: batch.into_iter().map(encode_record_owned).collect(),
+                    reply,
+                }))
                 .await
                 .map_err(|_| LogError::Closed)?;
             rx.await.map_err(|_| LogError::Closed)?
