@@ -12,7 +12,6 @@ use bytes::Bytes;
 use futures::StreamExt;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use cloudtap_recorder::archive::{Recorder, RecorderSettings};
@@ -20,23 +19,6 @@ use cloudtap_recorder::store::{ObjectStore, S3Store};
 use cloudtap_recorder::{EventLog, KafkaLog, KafkaLogConfig, testenv};
 use cloudtap_schemas::{Body, Record, tables, verify_chain};
 use common::*;
-
-/// Echoes every byte back.
-async fn echo_upstream() -> String {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = l.accept().await.unwrap();
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
-}
 
 /// Deterministic bytes of a session's stream.
 fn bytes_for(session: usize, stream: usize) -> Vec<u8> {

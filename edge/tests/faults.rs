@@ -17,7 +17,6 @@ use bytes::Bytes;
 use futures::StreamExt;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use cloudtap_edge::config::Backpressure;
@@ -285,22 +284,6 @@ async fn s3_down_for_ten_seconds_is_retried_and_nothing_is_lost_or_duplicated() 
     run.await.unwrap().unwrap();
 
     assert_same_records(&archived(store.as_ref()).await, &log.snapshot());
-}
-
-/// Echoes every byte back.
-async fn echo_upstream() -> String {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = l.accept().await.unwrap();
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
 }
 
 /// A client doing 1 KiB echo round trips on one stream, about 50 a second, until stopped.
