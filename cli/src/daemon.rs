@@ -241,7 +241,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     });
     let retention = params.config.log_retention();
     let recorder_task = recorder.map(|(store, settings)| {
-        let rec = Recorder::new(params.log.clone(), store, settings);
+        let rec = Recorder::new(params.log.clone(), store.clone(), settings.clone());
         tokio::spawn(retain_archived(
             params.log.clone(),
             rec.stats(),
@@ -249,7 +249,30 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             shutdown.clone(),
         ));
         let stop = shutdown.clone();
-        tokio::spawn(async move { rec.run(stop).await })
+        let log = params.log.clone();
+        tokio::spawn(async move {
+            // A failed recorder is started again (from its last commit marker) after a
+            // pause, so archiving — and the log retention that depends on it — resumes.
+            let stats = rec.stats();
+            let mut rec = Some(rec);
+            loop {
+                let r = match rec.take() {
+                    Some(r) => r,
+                    None => Recorder::new(log.clone(), store.clone(), settings.clone())
+                        .with_stats(stats.clone()),
+                };
+                match r.run(stop.clone()).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => {
+                        tracing::error!(error = %e, "the recorder stopped; starting it again in 5 s");
+                        tokio::select! {
+                            _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+                            _ = stop.cancelled() => return Err(e),
+                        }
+                    }
+                }
+            }
+        })
     });
     let edge = cloudtap_edge::run(params, listeners, shutdown.clone()).await;
     shutdown.cancel();

@@ -623,6 +623,12 @@ impl Recorder {
         self.stats.clone()
     }
 
+    /// Shares `stats` with an earlier recorder (a restart keeps one set of counters).
+    pub fn with_stats(mut self, stats: Arc<RecorderStats>) -> Self {
+        self.stats = stats;
+        self
+    }
+
     /// Archives everything in the log now and returns (`cloudtapd recorder --once`).
     pub async fn drain(mut self, cancel: &CancellationToken) -> Result<DrainReport, RecorderError> {
         let end = self.log.end().await?;

@@ -351,7 +351,10 @@ pub async fn open_log(
         Some(p) => p,
         None if url.contains("://") => {
             return Err(LogError::UnsupportedUrl {
-                url: url.into(),
+                // The query string may carry credentials: never echoed.
+                url: url
+                    .split_once('?')
+                    .map_or(url.to_owned(), |(h, _)| format!("{h}?…")),
                 reason: "expected file:///path, a directory path or kafka://host:port".into(),
             });
         }
