@@ -209,9 +209,15 @@ pub struct Checkpoint {
     pub chains: Vec<(Uuid, u64)>,
     /// Last seq of recently closed session chains, oldest first.
     pub recently_closed: Vec<(Uuid, u64)>,
-    /// Newest heartbeat seen per edge name (record timestamp, ns).
+    /// Newest heartbeat seen per edge process, by the edge's own chain id (ns).
     #[serde(default)]
-    pub heartbeats: Vec<(String, i64)>,
+    pub edge_heartbeats: Vec<(Uuid, i64)>,
+    /// The edge chain of each open session (`SessionOpened.edge_chain_id`).
+    #[serde(default)]
+    pub session_edges: Vec<(Uuid, Uuid)>,
+    /// Newest record timestamp seen in the partition: the log's own clock (ns).
+    #[serde(default)]
+    pub log_time: i64,
     /// Sessions already reported `edge_lost`: a late close record adds no second row.
     #[serde(default)]
     pub lost: Vec<Uuid>,
@@ -318,7 +324,9 @@ pub async fn expire_ranges(
 
 /// The state of one partition between ranges, rebuilt from a checkpoint.
 struct ChainState {
-    heartbeats: HashMap<String, i64>,
+    heartbeats: HashMap<Uuid, i64>,
+    session_edges: HashMap<Uuid, Uuid>,
+    log_time: i64,
     lost: std::collections::HashSet<Uuid>,
     sessions: HashMap<Uuid, SessionRow>,
     streams: HashMap<(Uuid, u64), StreamRow>,
@@ -330,7 +338,9 @@ struct ChainState {
 impl ChainState {
     fn from_checkpoint(c: Checkpoint) -> Self {
         Self {
-            heartbeats: c.heartbeats.into_iter().collect(),
+            heartbeats: c.edge_heartbeats.into_iter().collect(),
+            session_edges: c.session_edges.into_iter().collect(),
+            log_time: c.log_time,
             lost: c.lost.into_iter().collect(),
             sessions: c
                 .open_sessions
@@ -362,14 +372,13 @@ impl ChainState {
                 .collect(),
             chains: self.chains.iter().map(|(k, v)| (*k, *v)).collect(),
             recently_closed: self.recently_closed.iter().copied().collect(),
-            heartbeats: self
-                .heartbeats
-                .iter()
-                .map(|(k, v)| (k.clone(), *v))
-                .collect(),
+            edge_heartbeats: self.heartbeats.iter().map(|(k, v)| (*k, *v)).collect(),
+            session_edges: self.session_edges.iter().map(|(k, v)| (*k, *v)).collect(),
+            log_time: self.log_time,
             lost: self.lost.iter().copied().collect(),
         };
-        c.heartbeats.sort();
+        c.edge_heartbeats.sort();
+        c.session_edges.sort();
         c.lost.sort();
         // Deterministic bytes for the same state.
         c.open_sessions.sort_by_key(|s| s.row.session_id);
@@ -379,13 +388,15 @@ impl ChainState {
         c
     }
 
-    /// Sessions of edges whose newest heartbeat (as seen in `heartbeats`, merged over
-    /// every partition this recorder owns) is older than `now - after`: closed
-    /// `edge_lost` at that heartbeat's time. Edges never seen beating are left alone —
-    /// their heartbeats may live in a partition another recorder owns.
+    /// Sessions whose edge process (its chain, from `SessionOpened.edge_chain_id`) last
+    /// beat — or which opened — before `now - after`, where `now` is the log's own
+    /// clock (the newest record timestamp this recorder has seen), so a recorder that is
+    /// catching up or an idle log never declares anything lost. Closed `edge_lost` at
+    /// that time. Edges never seen beating are left alone: their heartbeats may live in
+    /// a partition another recorder owns.
     fn take_lost(
         &mut self,
-        heartbeats: &HashMap<String, i64>,
+        heartbeats: &HashMap<Uuid, i64>,
         now: i64,
         after: Duration,
     ) -> Vec<SessionRow> {
@@ -394,8 +405,9 @@ impl ChainState {
             .sessions
             .values()
             .filter(|s| {
-                heartbeats
-                    .get(&s.edge)
+                self.session_edges
+                    .get(&s.session_id)
+                    .and_then(|edge| heartbeats.get(edge))
                     .is_some_and(|hb| (*hb).max(s.opened_at) < limit)
             })
             .map(|s| s.session_id)
@@ -403,7 +415,8 @@ impl ChainState {
         let mut rows = Vec::new();
         for id in lost {
             if let Some(mut s) = self.sessions.remove(&id) {
-                s.closed_at = heartbeats[&s.edge].max(s.opened_at);
+                let edge = self.session_edges.remove(&id).expect("filtered on it");
+                s.closed_at = heartbeats[&edge].max(s.opened_at);
                 s.close_reason = cloudtap_schemas::CloseReason::EdgeLost.as_str().into();
                 s.close_detail = format!(
                     "no heartbeat from edge {:?} for over {} s",
@@ -430,8 +443,10 @@ impl ChainState {
     /// rows it completes.
     fn apply(&mut self, r: &Record, out: &mut PendingRange) -> bool {
         self.chains.insert(r.chain_id, r.seq);
+        self.log_time = self.log_time.max(r.ts_unix_nanos);
         match &r.body {
             Body::SessionOpened(o) => {
+                self.session_edges.insert(r.chain_id, o.edge_chain_id);
                 self.sessions.insert(
                     r.chain_id,
                     SessionRow {
@@ -503,6 +518,7 @@ impl ChainState {
                 // Already reported edge_lost: the events table has the close, the
                 // sessions table keeps its one row.
                 self.lost.remove(&r.chain_id);
+                self.session_edges.remove(&r.chain_id);
                 if let Some(mut s) = self.sessions.remove(&r.chain_id) {
                     s.closed_at = r.ts_unix_nanos;
                     s.close_reason = c.reason.as_str().into();
@@ -538,8 +554,8 @@ impl ChainState {
                 true
             }
             Body::Gap(_) => true,
-            Body::Heartbeat(h) => {
-                let seen = self.heartbeats.entry(h.edge.clone()).or_insert(i64::MIN);
+            Body::Heartbeat(_) => {
+                let seen = self.heartbeats.entry(r.chain_id).or_insert(i64::MIN);
                 *seen = (*seen).max(r.ts_unix_nanos);
                 false
             }
@@ -777,14 +793,15 @@ impl Recorder {
     /// Moves sessions of edges that stopped beating into their partition's pending
     /// range as `edge_lost` rows (they are written with that partition's next range).
     fn mark_lost(&self, parts: &mut BTreeMap<u32, PartitionWork>) {
-        let mut beats: HashMap<String, i64> = HashMap::new();
+        let mut beats: HashMap<Uuid, i64> = HashMap::new();
+        let mut now = i64::MIN;
         for w in parts.values() {
+            now = now.max(w.state.log_time);
             for (edge, ts) in &w.state.heartbeats {
-                let e = beats.entry(edge.clone()).or_insert(i64::MIN);
+                let e = beats.entry(*edge).or_insert(i64::MIN);
                 *e = (*e).max(*ts);
             }
         }
-        let now = cloudtap_schemas::now_unix_nanos();
         for w in parts.values_mut() {
             let rows = w.state.take_lost(&beats, now, self.cfg.edge_lost_after);
             for r in &rows {
@@ -1275,11 +1292,12 @@ mod tests {
                 }),
             )
         };
-        let open = |w: &mut ChainWriter, edge: &str, ts| {
+        let open = |w: &mut ChainWriter, edge: &str, edge_chain: Uuid, ts| {
             w.seal(
                 ts,
                 Body::SessionOpened(SessionOpened {
                     edge: edge.into(),
+                    edge_chain_id: edge_chain,
                     target: "db".into(),
                     ..Default::default()
                 }),
@@ -1293,11 +1311,12 @@ mod tests {
             ChainWriter::new(Uuid::now_v7()),
             ChainWriter::new(Uuid::now_v7()),
         );
+        let (c1, c2) = (e1.chain_id(), e2.chain_id());
         log.append(vec![
             beat(&mut e1, "e1", now - 120 * s),
-            open(&mut s1, "e1", now - 119 * s),
+            open(&mut s1, "e1", c1, now - 119 * s),
             beat(&mut e2, "e2", now - 1),
-            open(&mut s2, "e2", now),
+            open(&mut s2, "e2", c2, now),
         ])
         .await
         .unwrap();
