@@ -254,13 +254,15 @@ pub async fn read_markers(store: &dyn ObjectStore) -> Result<Vec<Marker>, Record
 }
 
 async fn load_marker(store: &dyn ObjectStore, key: &str) -> Result<Marker, RecorderError> {
-    let bytes = store
-        .get(key)
-        .await?
-        .ok_or_else(|| RecorderError::BadMarker {
+    let bytes = store.get(key).await?.ok_or_else(|| {
+        // Listed a moment ago, gone now (archive retention): worth another look.
+        RecorderError::Store(StoreError::Failed {
+            store: store.describe(),
+            op: "get",
             key: key.into(),
-            reason: "it vanished while being read".into(),
-        })?;
+            detail: "the commit marker vanished while being read".into(),
+        })
+    })?;
     let m: Marker = serde_json::from_slice(&bytes).map_err(|e| RecorderError::BadMarker {
         key: key.into(),
         reason: e.to_string(),
@@ -780,7 +782,7 @@ impl Recorder {
         for w in parts.values_mut() {
             if !w.pending.is_empty() {
                 tokio::select! {
-                    r = self.commit(w, reader.as_mut(), &done) => r?,
+                    r = self.commit(w, reader.as_mut(), &done) => { r?; }
                     _ = tokio::time::sleep(Duration::from_secs(10)) => {
                         tracing::warn!(partition = w.partition, "gave up committing at shutdown; the next run redoes the range");
                     }
@@ -896,8 +898,13 @@ impl Recorder {
         }
         let r = e.record;
         let bucket = bucket_of(r.ts_unix_nanos, self.cfg.range_seconds);
-        if !w.pending.is_empty() && bucket > w.pending.bucket {
-            self.commit(w, reader, cancel).await?;
+        if !w.pending.is_empty()
+            && bucket > w.pending.bucket
+            && !self.commit(w, reader, cancel).await?
+        {
+            // Another recorder committed first: `w` now continues after its range and
+            // the reader was sought there, so this record comes again if it is ours.
+            return Ok(());
         }
         if w.pending.is_empty() {
             w.pending.first = Some(offset);
@@ -929,9 +936,9 @@ impl Recorder {
         w: &mut PartitionWork,
         reader: &mut (impl PartitionReader + ?Sized),
         cancel: &CancellationToken,
-    ) -> Result<(), RecorderError> {
+    ) -> Result<bool, RecorderError> {
         let Some(first) = w.pending.first else {
-            return Ok(());
+            return Ok(true);
         };
         let range = std::mem::take(&mut w.pending);
         let last = range.last;
@@ -1038,7 +1045,7 @@ impl Recorder {
             if let Err(e) = reader.commit(p, last + 1).await {
                 tracing::debug!(error = %e, "committing the consumer offset failed (a hint only)");
             }
-            return Ok(());
+            return Ok(true);
         }
         // Another recorder committed a range starting here first: drop ours (files it
         // does not list), and continue after its range from its checkpoint.
@@ -1061,7 +1068,7 @@ impl Recorder {
         let mut again = self.resume(p, cancel).await?;
         std::mem::swap(w, &mut again);
         reader.seek(p, w.next).await?;
-        Ok(())
+        Ok(false)
     }
 }
 
@@ -1263,6 +1270,7 @@ mod tests {
     use crate::MemoryLog;
     use crate::store::LocalStore;
     use cloudtap_schemas::{Audit, ChainWriter};
+    use futures::future::BoxFuture;
 
     fn audit(w: &mut ChainWriter, ts: i64, i: u64) -> Record {
         w.seal(
@@ -1395,6 +1403,93 @@ mod tests {
         assert_eq!(
             rows,
             vec![(s1.chain_id().to_string(), "edge_lost".to_string())]
+        );
+    }
+
+    /// A store that lets another recorder drain everything just before the first
+    /// commit marker of the recorder under test is created, so that one loses the race
+    /// with a range shorter than the winner's.
+    struct RacedStore {
+        inner: LocalStore,
+        winner: std::sync::Mutex<Option<Recorder>>,
+    }
+
+    impl ObjectStore for RacedStore {
+        fn put(&self, key: &str, data: Bytes) -> BoxFuture<'_, Result<(), StoreError>> {
+            self.inner.put(key, data)
+        }
+        fn put_if_absent(&self, key: &str, data: Bytes) -> BoxFuture<'_, Result<bool, StoreError>> {
+            use futures::FutureExt;
+            let key = key.to_owned();
+            async move {
+                let winner = self.winner.lock().unwrap().take();
+                if let Some(w) = winner {
+                    w.drain(&CancellationToken::new()).await.unwrap();
+                }
+                self.inner.put_if_absent(&key, data).await
+            }
+            .boxed()
+        }
+        fn get(&self, key: &str) -> BoxFuture<'_, Result<Option<Bytes>, StoreError>> {
+            self.inner.get(key)
+        }
+        fn list(
+            &self,
+            prefix: &str,
+        ) -> BoxFuture<'_, Result<Vec<crate::store::ObjectMeta>, StoreError>> {
+            self.inner.list(prefix)
+        }
+        fn delete(&self, key: &str) -> BoxFuture<'_, Result<(), StoreError>> {
+            self.inner.delete(key)
+        }
+        fn describe(&self) -> String {
+            self.inner.describe()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_recorder_that_loses_the_marker_race_archives_nothing_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(MemoryLog::new());
+        let mut w = ChainWriter::new(Uuid::now_v7());
+        let now = cloudtap_schemas::now_unix_nanos();
+        // Two 30 s buckets: the loser cuts at the bucket change; the winner (one day per
+        // bucket) does not, so the winner's range reaches past the loser's cut.
+        let recs: Vec<Record> = (0..20)
+            .map(|i| {
+                let ts = now - 120_000_000_000 + if i < 10 { 0 } else { 60_000_000_000 };
+                audit(&mut w, ts, i)
+            })
+            .collect();
+        log.append(recs).await.unwrap();
+        let winner = Recorder::new(
+            log.clone(),
+            Arc::new(LocalStore::new(dir.path())),
+            RecorderSettings {
+                range_seconds: 86_400,
+                ..RecorderSettings::default()
+            },
+        );
+        let store: Arc<dyn ObjectStore> = Arc::new(RacedStore {
+            inner: LocalStore::new(dir.path()),
+            winner: std::sync::Mutex::new(Some(winner)),
+        });
+        let loser = Recorder::new(log.clone(), store.clone(), RecorderSettings::default());
+        let stats = loser.stats();
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            loser.drain(&CancellationToken::new()),
+        )
+        .await
+        .expect("the loser must finish its drain")
+        .unwrap();
+        assert_eq!(stats.ranges_lost_to_others.load(Ordering::Relaxed), 1);
+        let markers = read_markers(store.as_ref()).await.unwrap();
+        let ranges: Vec<(u64, u64)> = markers.iter().map(|m| (m.first, m.last)).collect();
+        assert_eq!(
+            ranges,
+            vec![(0, 19)],
+            "only the winner's range is committed"
         );
     }
 
