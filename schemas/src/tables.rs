@@ -535,15 +535,20 @@ pub fn records_from_batch(batch: &RecordBatch) -> Result<Vec<Record>, ArrowError
     let ver = cast::<UInt32Array>(ver_a, "schema_version")?;
     let bad = |what: String| ArrowError::InvalidArgumentError(what);
 
-    let is_frames = batch.column_by_name("payload").is_some();
+    // The frame columns, found once for the whole batch (None: an events batch).
+    let frame_cols = match batch.column_by_name("payload") {
+        None => None,
+        Some(_) => Some((
+            cast::<UInt64Array>(col("stream_id")?, "stream_id")?,
+            cast::<StringArray>(col("direction")?, "direction")?,
+            cast::<UInt64Array>(col("byte_offset")?, "byte_offset")?,
+            cast::<UInt32Array>(col("length")?, "length")?,
+            cast::<BinaryArray>(col("payload")?, "payload")?,
+        )),
+    };
     let mut out = Vec::with_capacity(batch.num_rows());
     for i in 0..batch.num_rows() {
-        let body = if is_frames {
-            let stream = cast::<UInt64Array>(col("stream_id")?, "stream_id")?;
-            let dir = cast::<StringArray>(col("direction")?, "direction")?;
-            let off = cast::<UInt64Array>(col("byte_offset")?, "byte_offset")?;
-            let len = cast::<UInt32Array>(col("length")?, "length")?;
-            let payload = cast::<BinaryArray>(col("payload")?, "payload")?;
+        let body = if let Some((stream, dir, off, len, payload)) = frame_cols {
             Body::Frame(Frame {
                 stream_id: stream.value(i),
                 direction: Direction::parse(dir.value(i))
