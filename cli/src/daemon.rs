@@ -125,6 +125,8 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
                 name: demo::DEMO_TARGET.into(),
                 upstream: addr.to_string(),
                 tls: None,
+                protocol: Default::default(),
+                capture: None,
                 on_log_backpressure: Default::default(),
             });
         }

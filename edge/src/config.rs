@@ -48,6 +48,93 @@ pub struct EdgeConfig {
     /// The recorder role: archive location and range cutting.
     #[serde(default)]
     pub recorder: cloudtap_recorder::archive::RecorderConfig,
+    /// What HTTP mirroring keeps of bodies, and its queue.
+    #[serde(default)]
+    pub capture: CaptureSettings,
+    /// Rules that remove secrets from exchange records before they are logged.
+    #[serde(default)]
+    pub redaction: RedactionConfig,
+}
+
+/// HTTP mirroring settings shared by every route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureSettings {
+    /// Bodies are kept up to this many bytes (decoded); larger ones keep their size and
+    /// hash and are marked truncated. Default 65536.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// Chunks waiting for a stream's HTTP parser. When full, a `block` route waits;
+    /// other routes stop mirroring that stream (an event says so). Default 256.
+    #[serde(default = "default_mirror_queue")]
+    pub mirror_queue: usize,
+}
+
+fn default_max_body() -> usize {
+    64 * 1024
+}
+
+fn default_mirror_queue() -> usize {
+    256
+}
+
+impl Default for CaptureSettings {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: default_max_body(),
+            mirror_queue: default_mirror_queue(),
+        }
+    }
+}
+
+/// Redaction rules (DESIGN: "Capture levels and redaction"). Versioned: every exchange
+/// record carries the `version` it was redacted under, so bump it whenever the rules
+/// change.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedactionConfig {
+    /// Default 1.
+    #[serde(default = "default_redaction_version")]
+    pub version: u32,
+    /// Whether the built-in rules apply as well (header names, field names and
+    /// patterns listed in the README). Default true.
+    #[serde(default = "yes")]
+    pub builtin: bool,
+    /// More header names whose values are removed (case-insensitive).
+    #[serde(default)]
+    pub headers: Vec<String>,
+    /// More JSON / form / query field names whose values are removed, anywhere
+    /// (case-insensitive; `-` and `_` ignored).
+    #[serde(default)]
+    pub fields: Vec<String>,
+    /// JSON paths whose values are removed: `$.user.ssn`, `$.cards[*].number`, `$.*.pin`.
+    #[serde(default)]
+    pub json_paths: Vec<String>,
+    /// More regular expressions (Rust `regex` syntax) whose matches are removed from
+    /// header values, paths, queries and text bodies.
+    #[serde(default)]
+    pub patterns: Vec<String>,
+}
+
+fn default_redaction_version() -> u32 {
+    1
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for RedactionConfig {
+    fn default() -> Self {
+        Self {
+            version: default_redaction_version(),
+            builtin: true,
+            headers: Vec::new(),
+            fields: Vec::new(),
+            json_paths: Vec::new(),
+            patterns: Vec::new(),
+        }
+    }
 }
 
 fn default_name() -> String {
@@ -212,6 +299,44 @@ pub struct TargetConfig {
     pub tls: Option<UpstreamTls>,
     #[serde(default)]
     pub on_log_backpressure: Backpressure,
+    /// What the route carries: `auto` (default: HTTP/1.x when the client's first bytes
+    /// are an HTTP request, otherwise opaque TCP), `http1`, or `tcp` (never parsed).
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// What is kept: `full`, `exchanges` or `metadata`. Default: `exchanges` for HTTP
+    /// streams, `full` for opaque ones (DESIGN: "Capture levels and redaction").
+    #[serde(default)]
+    pub capture: Option<CaptureLevel>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    #[default]
+    Auto,
+    Http1,
+    Tcp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CaptureLevel {
+    /// Frames carry the payload exactly as forwarded.
+    Full,
+    /// Frames without payload, plus exchange records with headers and bodies, redacted.
+    Exchanges,
+    /// Frames and exchange records without headers or bodies.
+    Metadata,
+}
+
+impl CaptureLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaptureLevel::Full => "full",
+            CaptureLevel::Exchanges => "exchanges",
+            CaptureLevel::Metadata => "metadata",
+        }
+    }
 }
 
 /// TLS originated by the edge towards the upstream (HTTPS staging services).
@@ -297,6 +422,13 @@ impl EdgeConfig {
                 )));
             }
         }
+        crate::mirror::redact::Redactor::new(&self.redaction)
+            .map_err(|e| ConfigError(format!("[redaction]: {e}")))?;
+        if self.capture.mirror_queue == 0 {
+            return Err(ConfigError(
+                "capture.mirror_queue must be greater than zero".into(),
+            ));
+        }
         let l = &self.limits;
         if l.max_streams_per_tunnel == 0 || l.max_tunnels == 0 || l.tap_capacity == 0 {
             return Err(ConfigError("limits must be greater than zero".into()));
@@ -350,6 +482,8 @@ pub fn parse_target_flag(s: &str) -> Result<TargetConfig, ConfigError> {
         name: name.trim().into(),
         upstream: upstream.trim().into(),
         tls: None,
+        protocol: Default::default(),
+        capture: None,
         on_log_backpressure: Backpressure::default(),
     })
 }

@@ -271,6 +271,7 @@ pub fn to_event(r: &LiveRecord) -> pb::Event {
         ),
         Body::Control(c) => format!("control {} {} by {}", c.action.as_str(), c.subject, c.actor),
         Body::Audit(a) => format!("{} by {}: {}", a.action, a.actor, a.detail),
+        Body::HttpExchange(x) => crate::mirror::summary(x),
     };
     pb::Event {
         kind: r.record.kind().into(),

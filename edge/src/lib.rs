@@ -33,6 +33,7 @@ pub mod demo;
 pub mod grpc;
 pub mod http;
 mod metrics;
+pub mod mirror;
 pub mod mux;
 pub mod pki;
 pub mod policy;
@@ -86,6 +87,8 @@ pub struct EdgeState {
     pub(crate) follow_failed: std::sync::atomic::AtomicBool,
     pub(crate) weak: Weak<EdgeState>,
     upstream_tls: Mutex<HashMap<String, tokio_rustls::TlsConnector>>,
+    /// The `[redaction]` rules, compiled once.
+    pub(crate) redactor: Arc<mirror::redact::Redactor>,
 }
 
 impl EdgeState {
@@ -172,6 +175,8 @@ pub enum EdgeError {
     ControlOffLoopback(SocketAddr),
     #[error("traffic log: {0}")]
     Log(#[from] cloudtap_recorder::LogError),
+    #[error("[redaction]: {0}")]
+    Redaction(#[from] mirror::redact::RuleError),
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -193,6 +198,7 @@ pub async fn run(
         pki::tunnel_server_config(&params.tls_cert, &params.tls_key, &params.client_ca)?;
     let tunnel_local = listeners.tunnel.local_addr()?;
     let cfg = params.config;
+    let redactor = Arc::new(mirror::redact::Redactor::new(&cfg.redaction)?);
     let (tap, tap_task) = Tap::start(params.log.clone(), cfg.limits.tap_capacity);
     let edge_chain = Uuid::now_v7();
     let state = Arc::new_cyclic(|weak| EdgeState {
@@ -212,6 +218,7 @@ pub async fn run(
         follow_failed: Default::default(),
         weak: weak.clone(),
         upstream_tls: Mutex::default(),
+        redactor,
         cfg,
     });
     tap.open_chain(

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::EdgeState;
 use crate::config::{Backpressure, TargetConfig};
 use crate::control::Refusal;
+use crate::mirror::{Kind, Mirror, StreamCapture};
 use crate::mux::{self, MuxStream};
 use crate::session::Session;
 use crate::tap::ChainMeta;
@@ -403,12 +404,25 @@ async fn handle_stream(
     session.streams.fetch_add(1, Ordering::Relaxed);
     state.metrics.streams_total.fetch_add(1, Ordering::Relaxed);
 
+    let capture = Arc::new(StreamCapture::new(&target));
+    let mirror = StreamCapture::may_be_http(&target).then(|| {
+        Mirror::start(
+            state.tap.clone(),
+            session.clone(),
+            capture.clone(),
+            stream_id,
+            &state.cfg.capture,
+            state.redactor.clone(),
+        )
+    });
     let ctx = StreamCtx {
         state: &state,
         session: &session,
         stream_id,
         activity: std::sync::Mutex::new(Instant::now()),
         end,
+        capture: &capture,
+        mirror: mirror.as_ref(),
     };
     let (cr, cw) = tokio::io::split(stream);
     let result = match upstream.io {
@@ -422,6 +436,10 @@ async fn handle_stream(
         }
     };
     let (up, down, error) = result;
+    // The stream's exchange records go before its closing record.
+    if let Some(m) = mirror {
+        m.finish().await;
+    }
     let closed = Body::StreamClosed(StreamClosed {
         stream_id,
         bytes_up: up,
@@ -548,6 +566,10 @@ struct StreamCtx<'a> {
     activity: std::sync::Mutex<Instant>,
     /// Cancelled when the session ends.
     end: CancellationToken,
+    /// What the stream carries and what its frames keep.
+    capture: &'a StreamCapture,
+    /// The HTTP mirror, on routes that may carry HTTP.
+    mirror: Option<&'a Mirror>,
 }
 
 /// Copies both directions until both have ended; returns bytes up, bytes down and
@@ -639,12 +661,13 @@ where
         }
         *activity.lock().expect("activity lock") = Instant::now();
         let chunk = buf.split_to(n).freeze();
+        let (kind, _) = ctx.capture.decide(dir, &chunk);
         let frame = Body::Frame(Frame {
             stream_id,
             direction: dir,
             offset,
             length: n as u32,
-            payload: Some(chunk.to_vec()),
+            payload: ctx.capture.keeps_payload().then(|| chunk.to_vec()),
         });
         if let Err(e) = state
             .tap
@@ -654,6 +677,11 @@ where
             // Without a log we cannot keep the capture promise: stop forwarding.
             session.request_close(CloseReason::EdgeShutdown, e.to_string());
             return (offset, Some(e.to_string()));
+        }
+        if kind != Kind::Opaque
+            && let Some(m) = ctx.mirror
+        {
+            m.feed(dir, &chunk).await;
         }
         // A peer that stops reading must not hold the stream past the session's end.
         let written = tokio::select! {

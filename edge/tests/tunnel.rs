@@ -316,6 +316,9 @@ async fn the_edge_originates_tls_to_https_upstreams_and_records_plaintext() {
     std::fs::write(&good_ca, &staging_ca.cert_pem).unwrap();
     std::fs::write(&bad_ca, &other_ca.cert_pem).unwrap();
     let mut cfg = config(&[("https", upstream.clone()), ("https-wrong-ca", upstream)]);
+    // An echo server answers a request with itself, which is not HTTP: opaque route,
+    // so the frames keep the plaintext (tests/http.rs mirrors a real HTTPS server).
+    cfg.targets[0].protocol = cloudtap_edge::config::Protocol::Tcp;
     cfg.targets[0].tls = Some(cloudtap_edge::config::UpstreamTls {
         sni: Some("localhost".into()),
         ca: Some(good_ca),

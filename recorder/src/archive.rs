@@ -1175,12 +1175,8 @@ fn build_files(
         let rows = idx
             .iter()
             .map(|i| (&range.records[*i].0, range.records[*i].1));
-        let batch = if table == "frames" {
-            tables::frames_batch(rows)
-        } else {
-            tables::events_batch(rows)
-        }
-        .map_err(|e| RecorderError::Parquet(e.to_string()))?;
+        let batch = tables::records_batch(table, rows)
+            .map_err(|e| RecorderError::Parquet(e.to_string()))?;
         out.push((
             format!("{table}/{part}/{name}"),
             table,

@@ -17,6 +17,9 @@
 //!   uuid            → 16 bytes
 //!   enum            → its snake_case name as a string
 //!   optional bytes  → u8 0 (absent) | u8 1 + u32 length + bytes
+//!   i64             → 8 bytes
+//!   list            → u64 count + each element's fields
+//!   nested message  → its fields in declaration order
 //! ```
 //!
 //! `record_hash` = SHA-256 of those bytes. The hash itself is not part of the input.
@@ -130,6 +133,45 @@ pub fn canonical_encoding(r: &Record) -> Vec<u8> {
             e.str(&b.actor);
             e.str(&b.action);
             e.str(&b.detail);
+        }
+        Body::HttpExchange(b) => {
+            e.u64(b.stream_id);
+            e.u64(b.exchange_index);
+            e.str(b.phase.as_str());
+            e.u64(b.message_index);
+            for s in [&b.protocol, &b.method, &b.authority, &b.path, &b.query] {
+                e.str(s);
+            }
+            e.u64(b.status as u64);
+            e.str(&b.grpc_service);
+            e.str(&b.grpc_method);
+            e.str(&b.grpc_status);
+            e.0.extend_from_slice(&b.start_unix_nanos.to_be_bytes());
+            e.0.extend_from_slice(&b.end_unix_nanos.to_be_bytes());
+            for headers in [&b.request_headers, &b.response_headers] {
+                e.u64(headers.len() as u64);
+                for h in headers {
+                    e.str(&h.name);
+                    e.str(&h.value);
+                }
+            }
+            for body in [&b.request_body, &b.response_body] {
+                e.u64(body.size);
+                e.bytes(&body.sha256);
+                match &body.content {
+                    None => e.0.push(0),
+                    Some(c) => {
+                        e.0.push(1);
+                        e.bytes(c);
+                    }
+                }
+                e.bool(body.truncated);
+                e.str(&body.note);
+            }
+            e.str(&b.traceparent);
+            e.str(&b.capture);
+            e.u64(b.redaction_version as u64);
+            e.str(&b.note);
         }
     }
     e.0

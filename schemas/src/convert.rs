@@ -87,6 +87,7 @@ impl From<Record> for pb::Record {
                 reason: b.reason,
                 actor: b.actor,
             }),
+            Body::HttpExchange(b) => B::HttpExchange(exchange_to_pb(*b)),
             Body::Audit(b) => B::Audit(pb::Audit {
                 actor: b.actor,
                 action: b.action,
@@ -189,6 +190,7 @@ impl TryFrom<pb::Record> for Record {
                 reason: b.reason,
                 actor: b.actor,
             }),
+            B::HttpExchange(b) => Body::HttpExchange(Box::new(exchange_from_pb(b)?)),
             B::Audit(b) => Body::Audit(Audit {
                 actor: b.actor,
                 action: b.action,
@@ -260,10 +262,103 @@ pub fn peek_kind(bytes: &[u8]) -> Option<&'static str> {
             17 => Some("heartbeat"),
             18 => Some("control"),
             19 => Some("audit"),
+            20 => Some("http_exchange"),
             _ => kind,
         };
     }
     kind
+}
+
+fn exchange_to_pb(b: HttpExchange) -> pb::HttpExchange {
+    let headers = |h: Vec<Header>| {
+        h.into_iter()
+            .map(|h| pb::Header {
+                name: h.name,
+                value: h.value,
+            })
+            .collect()
+    };
+    let body = |c: BodyCapture| pb::BodyCapture {
+        size: c.size,
+        sha256: c.sha256,
+        content: c.content,
+        truncated: c.truncated,
+        note: c.note,
+    };
+    pb::HttpExchange {
+        stream_id: b.stream_id,
+        exchange_index: b.exchange_index,
+        phase: b.phase.as_str().into(),
+        message_index: b.message_index,
+        protocol: b.protocol,
+        method: b.method,
+        authority: b.authority,
+        path: b.path,
+        query: b.query,
+        status: b.status,
+        grpc_service: b.grpc_service,
+        grpc_method: b.grpc_method,
+        grpc_status: b.grpc_status,
+        start_unix_nanos: b.start_unix_nanos,
+        end_unix_nanos: b.end_unix_nanos,
+        request_headers: headers(b.request_headers),
+        response_headers: headers(b.response_headers),
+        request_body: Some(body(b.request_body)),
+        response_body: Some(body(b.response_body)),
+        traceparent: b.traceparent,
+        capture: b.capture,
+        redaction_version: b.redaction_version,
+        note: b.note,
+    }
+}
+
+fn exchange_from_pb(b: pb::HttpExchange) -> Result<HttpExchange, SchemaError> {
+    let headers = |h: Vec<pb::Header>| {
+        h.into_iter()
+            .map(|h| Header {
+                name: h.name,
+                value: h.value,
+            })
+            .collect()
+    };
+    let body = |c: Option<pb::BodyCapture>| {
+        let c = c.unwrap_or_default();
+        BodyCapture {
+            size: c.size,
+            sha256: c.sha256,
+            content: c.content,
+            truncated: c.truncated,
+            note: c.note,
+        }
+    };
+    Ok(HttpExchange {
+        stream_id: b.stream_id,
+        exchange_index: b.exchange_index,
+        phase: ExchangePhase::parse(&b.phase).ok_or_else(|| SchemaError::Invalid {
+            field: "http_exchange.phase",
+            reason: format!("unknown phase {:?}", b.phase),
+        })?,
+        message_index: b.message_index,
+        protocol: b.protocol,
+        method: b.method,
+        authority: b.authority,
+        path: b.path,
+        query: b.query,
+        status: b.status,
+        grpc_service: b.grpc_service,
+        grpc_method: b.grpc_method,
+        grpc_status: b.grpc_status,
+        start_unix_nanos: b.start_unix_nanos,
+        end_unix_nanos: b.end_unix_nanos,
+        request_headers: headers(b.request_headers),
+        response_headers: headers(b.response_headers),
+        request_body: body(b.request_body),
+        response_body: body(b.response_body),
+        traceparent: b.traceparent,
+        capture: b.capture,
+        redaction_version: b.redaction_version,
+        note: b.note,
+    })
 }
 
 /// Decodes log bytes into a record (the hash is not checked here; see
@@ -339,6 +434,34 @@ mod tests {
                 reason: String::new(),
                 actor: "admin".into(),
             })),
+            (
+                (
+                    any::<u64>(),
+                    0..4usize,
+                    s(),
+                    s(),
+                    any::<u32>(),
+                    any::<i64>()
+                ),
+                proptest::collection::vec((s(), s()), 0..4),
+                proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64)),
+                any::<bool>(),
+            )
+                .prop_map(
+                    |((idx, phase, method, path, status, t), headers, content, trunc)| {
+                        Body::HttpExchange(Box::new(crate::fixtures::exchange(
+                            idx,
+                            ExchangePhase::ALL[phase],
+                            &method,
+                            &path,
+                            status,
+                            t,
+                            headers,
+                            content,
+                            trunc,
+                        )))
+                    }
+                ),
         ]
     }
 

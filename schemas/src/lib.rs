@@ -22,7 +22,8 @@ pub use model::*;
 
 /// Version of the canonical encoding (and of the record schema). Bump it when a field
 /// is added; old versions stay verifiable.
-pub const SCHEMA_VERSION: u32 = 1;
+/// 2: `http_exchange` records.
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Errors of the event model.
 #[derive(Debug, thiserror::Error)]
@@ -213,5 +214,77 @@ mod tests {
             verify_chain(None, &recs),
             Err(SchemaError::NewerSchema { .. })
         ));
+    }
+}
+
+/// Test fixtures shared by this crate's unit tests.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use crate::*;
+
+    /// An exchange record with every field set from the arguments.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn exchange(
+        index: u64,
+        phase: ExchangePhase,
+        method: &str,
+        path: &str,
+        status: u32,
+        t: i64,
+        headers: Vec<(String, String)>,
+        content: Option<Vec<u8>>,
+        truncated: bool,
+    ) -> HttpExchange {
+        let headers: Vec<Header> = headers
+            .into_iter()
+            .map(|(name, value)| Header { name, value })
+            .collect();
+        HttpExchange {
+            stream_id: index / 3,
+            exchange_index: index,
+            phase,
+            message_index: index % 5,
+            protocol: "HTTP/1.1".into(),
+            method: method.into(),
+            authority: "api.internal".into(),
+            path: path.into(),
+            query: "a=1".into(),
+            status,
+            grpc_service: String::new(),
+            grpc_method: String::new(),
+            grpc_status: String::new(),
+            start_unix_nanos: t,
+            end_unix_nanos: t.wrapping_add(5),
+            request_headers: headers.clone(),
+            response_headers: headers.into_iter().rev().collect(),
+            request_body: BodyCapture {
+                size: content
+                    .as_ref()
+                    .map_or(0, |c| c.len() as u64 + truncated as u64),
+                sha256: if content.is_some() {
+                    vec![7; 32]
+                } else {
+                    Vec::new()
+                },
+                content: content.clone(),
+                truncated,
+                note: if truncated {
+                    "larger than 64 bytes".into()
+                } else {
+                    String::new()
+                },
+            },
+            response_body: BodyCapture {
+                size: 0,
+                sha256: Vec::new(),
+                content: None,
+                truncated: false,
+                note: "binary body".into(),
+            },
+            traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+            capture: "exchanges".into(),
+            redaction_version: 3,
+            note: String::new(),
+        }
     }
 }

@@ -59,6 +59,8 @@ pub enum Body {
     Heartbeat(Heartbeat),
     Control(Control),
     Audit(Audit),
+    /// Boxed: exchanges are large and rare next to frames.
+    HttpExchange(Box<HttpExchange>),
 }
 
 impl Body {
@@ -74,6 +76,7 @@ impl Body {
             Body::Heartbeat(_) => "heartbeat",
             Body::Control(_) => "control",
             Body::Audit(_) => "audit",
+            Body::HttpExchange(_) => "http_exchange",
         }
     }
 
@@ -90,6 +93,7 @@ impl Body {
             Body::Heartbeat(_) => 8,
             Body::Control(_) => 9,
             Body::Audit(_) => 10,
+            Body::HttpExchange(_) => 11,
         }
     }
 }
@@ -294,4 +298,111 @@ pub struct Audit {
     pub actor: String,
     pub action: String,
     pub detail: String,
+}
+
+/// One HTTP request and its response as the edge's mirror understood them, already
+/// redacted (DESIGN: "Capture levels and redaction"). A long-lived exchange (server-sent
+/// events) is several records: `start` when the response head arrives, one `message`
+/// per event, `end`; every other exchange is one `complete` record.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HttpExchange {
+    pub stream_id: u64,
+    /// Position of the exchange on its stream, from 0 (pipelined requests in order).
+    pub exchange_index: u64,
+    pub phase: ExchangePhase,
+    /// For `message`: its position within the exchange, from 0.
+    pub message_index: u64,
+    /// `HTTP/1.0`, `HTTP/1.1`.
+    pub protocol: String,
+    pub method: String,
+    /// The `Host` header (HTTP/1) or `:authority` (HTTP/2).
+    pub authority: String,
+    /// Path without the query.
+    pub path: String,
+    /// The query string without `?`, redacted.
+    pub query: String,
+    /// Response status; 0 when no response came.
+    pub status: u32,
+    pub grpc_service: String,
+    pub grpc_method: String,
+    /// gRPC status code as text; empty when not gRPC or not known.
+    pub grpc_status: String,
+    /// When the request's first byte was seen.
+    pub start_unix_nanos: i64,
+    /// When the response's last byte (for `start`: its head; for `message`: that
+    /// message) was seen; 0 when no response came.
+    pub end_unix_nanos: i64,
+    /// Empty at capture level `metadata`.
+    pub request_headers: Vec<Header>,
+    pub response_headers: Vec<Header>,
+    pub request_body: BodyCapture,
+    pub response_body: BodyCapture,
+    /// The W3C `traceparent` request header, if any.
+    pub traceparent: String,
+    /// The capture level the record was made under: `full`, `exchanges`, `metadata`.
+    pub capture: String,
+    /// Version of the redaction rules applied (config `[redaction] version`).
+    pub redaction_version: u32,
+    /// What else the reader should know: no response, upgraded, parse stopped, ….
+    pub note: String,
+}
+
+/// Which part of an exchange a record holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExchangePhase {
+    /// Request and response, whole.
+    #[default]
+    Complete,
+    /// A long-lived exchange's request and response head.
+    Start,
+    /// One message (server-sent event) of a long-lived exchange, in `response_body`.
+    Message,
+    /// The end of a long-lived exchange.
+    End,
+}
+
+impl ExchangePhase {
+    pub const ALL: [ExchangePhase; 4] = [
+        ExchangePhase::Complete,
+        ExchangePhase::Start,
+        ExchangePhase::Message,
+        ExchangePhase::End,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExchangePhase::Complete => "complete",
+            ExchangePhase::Start => "start",
+            ExchangePhase::Message => "message",
+            ExchangePhase::End => "end",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Header {
+    /// Lowercase.
+    pub name: String,
+    pub value: String,
+}
+
+/// A message body as captured: its size and hash always, its (decoded, redacted)
+/// content when the capture level keeps bodies and the body could be inspected.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BodyCapture {
+    /// Bytes of the body as sent (after de-chunking, before content decoding).
+    pub size: u64,
+    /// SHA-256 of those bytes; empty when there was no body.
+    pub sha256: Vec<u8>,
+    /// The body, decoded (gzip, deflate) and redacted, at most the configured size.
+    pub content: Option<Vec<u8>>,
+    /// `content` holds only the first part of the body.
+    pub truncated: bool,
+    /// Why `content` is absent or partial ("binary body", "unknown content-encoding
+    /// br", …); empty otherwise.
+    pub note: String,
 }

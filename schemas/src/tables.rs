@@ -7,6 +7,7 @@
 //!   such field. Together with the envelope columns they hold every field the record
 //!   hash covers, so a reader recomputes `record_hash` from the row alone
 //!   ([`records_from_batch`]).
+//! - `http_exchanges`: one row per `http_exchange` record ([`exchanges`]).
 //! - `sessions` and `streams`: one row per closed session / stream, derived summaries.
 //!
 //! Readers find columns by name, never by position. A schema change only adds nullable
@@ -26,13 +27,17 @@ use uuid::Uuid;
 
 use crate::model::*;
 
+mod exchanges;
+pub use exchanges::{http_exchanges_batch, http_exchanges_schema};
+
 /// Version of the table schemas; bumped when a column is added.
-pub const TABLES_VERSION: u32 = 1;
+/// 2: the `http_exchanges` table.
+pub const TABLES_VERSION: u32 = 2;
 /// Key of the schema version in each Parquet file's key-value metadata.
 pub const VERSION_KEY: &str = "cloudtap.tables_version";
 
 /// The tables the recorder writes.
-pub const TABLES: [&str; 4] = ["sessions", "streams", "events", "frames"];
+pub const TABLES: [&str; 5] = ["sessions", "streams", "events", "frames", "http_exchanges"];
 
 fn ts() -> DataType {
     DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()))
@@ -157,6 +162,7 @@ pub fn schema_of(table: &str) -> Option<SchemaRef> {
         "streams" => Some(streams_schema()),
         "events" => Some(events_schema()),
         "frames" => Some(frames_schema()),
+        "http_exchanges" => Some(http_exchanges_schema()),
         _ => None,
     }
 }
@@ -165,6 +171,7 @@ pub fn schema_of(table: &str) -> Option<SchemaRef> {
 pub fn table_of(r: &Record) -> &'static str {
     match r.body {
         Body::Frame(_) => "frames",
+        Body::HttpExchange(_) => "http_exchanges",
         _ => "events",
     }
 }
@@ -346,7 +353,9 @@ fn event_row<'a>(body: &'a Body, edge_chain: &'a str) -> EventRow<'a> {
             row.s("action", &b.action);
             row.s("detail", &b.detail);
         }
-        Body::Frame(_) => unreachable!("frames go to the frames table"),
+        Body::Frame(_) | Body::HttpExchange(_) => {
+            unreachable!("events_batch refuses frames and exchanges")
+        }
     }
     row
 }
@@ -368,10 +377,13 @@ pub fn events_batch<'a>(
         .collect();
     let mut allowed = arrow::array::BooleanBuilder::with_capacity(n);
     for (r, on_session) in records {
-        if matches!(r.body, Body::Frame(_)) {
+        if table_of(r) != "events" {
             return Err(ArrowError::InvalidArgumentError(format!(
-                "record {}:{} is a frame; frames go to the frames table",
-                r.chain_id, r.seq
+                "record {}:{} is a {}; it goes to the {} table",
+                r.chain_id,
+                r.seq,
+                r.kind(),
+                table_of(r)
             )));
         }
         env.push(r, on_session);
@@ -507,7 +519,23 @@ pub fn streams_batch(rows: &[StreamRow]) -> Result<RecordBatch, ArrowError> {
     )
 }
 
-/// Reads records back from a `frames` or `events` batch, finding columns by name.
+/// Builds a batch of `table` (`frames`, `events` or `http_exchanges`, as [`table_of`]
+/// says) from its records.
+pub fn records_batch<'a>(
+    table: &str,
+    records: impl ExactSizeIterator<Item = (&'a Record, bool)>,
+) -> Result<RecordBatch, ArrowError> {
+    match table {
+        "frames" => frames_batch(records),
+        "http_exchanges" => http_exchanges_batch(records),
+        "events" => events_batch(records),
+        other => Err(ArrowError::InvalidArgumentError(format!(
+            "{other} is not a table of records"
+        ))),
+    }
+}
+
+/// Reads records back from a `frames`, `events` or `http_exchanges` batch, finding columns by name.
 /// Hashes are read, not recomputed: pass the result to [`crate::verify_chain`] to
 /// check them.
 pub fn records_from_batch(batch: &RecordBatch) -> Result<Vec<Record>, ArrowError> {
@@ -546,9 +574,12 @@ pub fn records_from_batch(batch: &RecordBatch) -> Result<Vec<Record>, ArrowError
             cast::<BinaryArray>(col("payload")?, "payload")?,
         )),
     };
+    let exchange_cols = exchanges::ExchangeCols::of(batch);
     let mut out = Vec::with_capacity(batch.num_rows());
     for i in 0..batch.num_rows() {
-        let body = if let Some((stream, dir, off, len, payload)) = frame_cols {
+        let body = if let Some(x) = &exchange_cols {
+            x.body_of(i)?
+        } else if let Some((stream, dir, off, len, payload)) = frame_cols {
             Body::Frame(Frame {
                 stream_id: stream.value(i),
                 direction: Direction::parse(dir.value(i))
@@ -749,6 +780,28 @@ mod tests {
                 action: "b".into(),
                 detail: String::new(),
             }),
+            Body::HttpExchange(Box::new(crate::fixtures::exchange(
+                0,
+                ExchangePhase::Complete,
+                "GET",
+                "/a",
+                200,
+                1_700_000_000_000_000_000,
+                vec![("content-type".into(), "application/json".into())],
+                Some(b"{}".to_vec()),
+                false,
+            ))),
+            Body::HttpExchange(Box::new(crate::fixtures::exchange(
+                1,
+                ExchangePhase::Start,
+                "POST",
+                "/b",
+                0,
+                1_700_000_000_000_000_000,
+                vec![],
+                None,
+                true,
+            ))),
             Body::StreamClosed(StreamClosed {
                 stream_id: 1,
                 bytes_up: 3,
@@ -769,12 +822,14 @@ mod tests {
     #[test]
     fn every_kind_round_trips_through_its_table_and_keeps_its_hash() {
         let recs = sample();
-        let frames: Vec<_> = recs.iter().filter(|r| table_of(r) == "frames").collect();
-        let events: Vec<_> = recs.iter().filter(|r| table_of(r) == "events").collect();
-        let fb = frames_batch(frames.iter().map(|r| (*r, true))).unwrap();
-        let eb = events_batch(events.iter().map(|r| (*r, true))).unwrap();
-        let mut back = records_from_batch(&fb).unwrap();
-        back.extend(records_from_batch(&eb).unwrap());
+        let mut back = Vec::new();
+        for table in ["frames", "events", "http_exchanges"] {
+            let rows: Vec<_> = recs.iter().filter(|r| table_of(r) == table).collect();
+            assert!(!rows.is_empty(), "the sample has no {table} row");
+            let b = records_batch(table, rows.iter().map(|r| (*r, true))).unwrap();
+            assert_eq!(b.schema(), schema_of(table).unwrap());
+            back.extend(records_from_batch(&b).unwrap());
+        }
         back.sort_by_key(|r| r.seq);
         assert_eq!(back, recs);
         assert_eq!(crate::verify_chain(None, &back).unwrap(), recs.len() as u64);
@@ -785,5 +840,6 @@ mod tests {
         let recs = sample();
         assert!(events_batch(recs.iter().map(|r| (r, true))).is_err());
         assert!(frames_batch(recs.iter().map(|r| (r, true))).is_err());
+        assert!(http_exchanges_batch(recs.iter().map(|r| (r, true))).is_err());
     }
 }

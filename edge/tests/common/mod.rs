@@ -37,6 +37,8 @@ pub fn config(targets: &[(&str, String)]) -> EdgeConfig {
             name: name.to_string(),
             upstream: upstream.clone(),
             tls: None,
+            protocol: Default::default(),
+            capture: None,
             on_log_backpressure: Default::default(),
         });
     }

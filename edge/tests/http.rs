@@ -1,0 +1,664 @@
+//! HTTP mirroring end to end: real HTTP clients and servers through a tunnel, the
+//! exchange records they leave, redaction checked in every stored artifact (segment
+//! files, Kafka records, Parquet), and garbage on an HTTP route forwarded untouched.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body as AxBody;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use cloudtap_edge::config::{CaptureLevel, Protocol};
+use cloudtap_recorder::archive::{Recorder, RecorderSettings};
+use cloudtap_recorder::store::{LocalStore, ObjectStore};
+use cloudtap_recorder::{EventLog, KafkaLog, KafkaLogConfig, testenv};
+use cloudtap_schemas::{Body, ExchangePhase, HttpExchange, Record, encode_record, tables};
+use common::*;
+
+fn gzip(b: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(b).unwrap();
+    e.finish().unwrap()
+}
+
+/// Secrets the staging API hands out in its responses.
+const S_SET_COOKIE: &str = "sid=s04-7Hq2CookieFromServer";
+const S_RESP_TOKEN: &str = "s07-RespTokenValue9911";
+const S_GZ_KEY: &str = "s14-GzippedApiKey5521";
+const S_GZ_JWT: &str = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJzMTUtand0In0.s15-SignaturePartQ8vZ";
+
+/// A staging API: JSON users, a login that sets a cookie and returns a token, a gzip
+/// body, server-sent events, and `ok` for anything else.
+async fn api_upstream() -> String {
+    let app = axum::Router::new().fallback(|req: axum::extract::Request| async move {
+        let path = req.uri().path().to_owned();
+        let _ = axum::body::to_bytes(req.into_body(), 1 << 20).await;
+        let resp = axum::response::Response::builder();
+        match path.as_str() {
+            p if p.starts_with("/users/") => resp
+                .header("content-type", "application/json")
+                .body(AxBody::from(format!(
+                    r#"{{"id":"{}","name":"ann","role":"admin"}}"#,
+                    &p[7..]
+                ))),
+            "/login" => resp
+                .header("content-type", "application/json")
+                .header("set-cookie", S_SET_COOKIE)
+                .body(AxBody::from(format!(
+                    r#"{{"token":"{S_RESP_TOKEN}","user":"ann"}}"#
+                ))),
+            "/gz" => resp
+                .header("content-type", "application/json")
+                .header("content-encoding", "gzip")
+                .body(AxBody::from(gzip(
+                    format!(r#"{{"api_key":"{S_GZ_KEY}","note":"jwt {S_GZ_JWT}","visible":"plain-gz-value"}}"#)
+                        .as_bytes(),
+                ))),
+            "/events" => resp
+                .header("content-type", "text/event-stream")
+                .body(AxBody::from("data: one\n\ndata: two\n\n")),
+            _ => resp
+                .status(if path == "/missing" { 404 } else { 200 })
+                .body(AxBody::from("ok")),
+        }
+        .unwrap()
+    });
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    addr
+}
+
+fn exchanges(records: &[Record], session: uuid::Uuid) -> Vec<HttpExchange> {
+    records
+        .iter()
+        .filter(|r| r.chain_id == session)
+        .filter_map(|r| match &r.body {
+            Body::HttpExchange(x) => Some((**x).clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn header<'a>(x: &'a [cloudtap_schemas::Header], name: &str) -> Option<&'a str> {
+    x.iter().find(|h| h.name == name).map(|h| h.value.as_str())
+}
+
+fn text(b: &cloudtap_schemas::BodyCapture) -> String {
+    String::from_utf8(b.content.clone().unwrap_or_default()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_http1_client_leaves_one_record_per_exchange() {
+    let upstream = api_upstream().await;
+    let edge = TestEdge::start(config(&[("api", upstream)])).await;
+    let (tunnel, open, _) = edge.tunnel(&edge.admin_tls(), "api").await;
+    let session: uuid::Uuid = open.session_id.parse().unwrap();
+
+    // hyper's HTTP/1.1 client on one tunnel stream: one connection, kept alive.
+    let stream = tunnel.open_stream("client").await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let requests: [(&str, &str, &str); 5] = [
+        ("GET", "/users/7?x=1&access_token=q-secret-1", ""),
+        (
+            "POST",
+            "/login",
+            r#"{"user":"ann","password":"pw-secret-2"}"#,
+        ),
+        ("GET", "/gz", ""),
+        ("GET", "/events", ""),
+        ("GET", "/missing", ""),
+    ];
+    let mut statuses = Vec::new();
+    for (method, uri, body) in requests {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("host", "api.internal")
+            .header("content-type", "application/json")
+            .header(
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            )
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        // The connection is reused: wait until it is idle again.
+        sender.ready().await.unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        statuses.push(resp.status().as_u16());
+        resp.into_body().collect().await.unwrap();
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 404]);
+    drop(sender);
+    drop(tunnel);
+    let (_dir, log) = edge.stop().await;
+    let records = all_records(log.as_ref()).await;
+    let xs = exchanges(&records, session);
+
+    let complete: Vec<_> = xs
+        .iter()
+        .filter(|x| x.phase == ExchangePhase::Complete)
+        .collect();
+    assert_eq!(
+        complete
+            .iter()
+            .map(|x| (
+                x.exchange_index,
+                x.method.as_str(),
+                x.path.as_str(),
+                x.status
+            ))
+            .collect::<Vec<_>>(),
+        [
+            (0, "GET", "/users/7", 200),
+            (1, "POST", "/login", 200),
+            (2, "GET", "/gz", 200),
+            (4, "GET", "/missing", 404),
+        ],
+        "each exchange is recorded once, in order"
+    );
+    let users = complete[0];
+    assert_eq!(users.query, "x=1&access_token=[REDACTED]");
+    assert_eq!(users.authority, "api.internal");
+    assert_eq!(users.protocol, "HTTP/1.1");
+    assert_eq!(users.capture, "exchanges");
+    assert_eq!(users.redaction_version, 1);
+    assert_eq!(
+        users.traceparent,
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    );
+    assert!(users.end_unix_nanos > users.start_unix_nanos);
+    assert_eq!(
+        text(&users.response_body),
+        r#"{"id":"7","name":"ann","role":"admin"}"#
+    );
+    assert_eq!(
+        header(&users.response_headers, "content-type"),
+        Some("application/json")
+    );
+    let login = complete[1];
+    assert_eq!(
+        text(&login.request_body),
+        r#"{"password":"[REDACTED]","user":"ann"}"#
+    );
+    assert_eq!(login.request_body.size, 39);
+    assert_eq!(login.request_body.sha256.len(), 32);
+    assert_eq!(
+        text(&login.response_body),
+        r#"{"token":"[REDACTED]","user":"ann"}"#
+    );
+    assert_eq!(
+        header(&login.response_headers, "set-cookie"),
+        Some("[REDACTED]")
+    );
+    let gz = complete[2];
+    assert!(
+        text(&gz.response_body).contains("plain-gz-value"),
+        "a gzip body is decoded: {:?}",
+        gz.response_body
+    );
+    assert!(!text(&gz.response_body).contains(S_GZ_KEY));
+
+    // Server-sent events: start, one record per event, end.
+    let sse: Vec<_> = xs.iter().filter(|x| x.exchange_index == 3).collect();
+    assert_eq!(
+        sse.iter()
+            .map(|x| (x.phase, text(&x.response_body)))
+            .collect::<Vec<_>>(),
+        [
+            (ExchangePhase::Start, String::new()),
+            (ExchangePhase::Message, "data: one".into()),
+            (ExchangePhase::Message, "data: two".into()),
+            (ExchangePhase::End, String::new()),
+        ]
+    );
+    assert_eq!(sse[0].path, "/events");
+
+    // `exchanges` keeps no payload in frames.
+    assert!(
+        records
+            .iter()
+            .any(|r| r.chain_id == session
+                && matches!(&r.body, Body::Frame(f) if f.payload.is_none()))
+    );
+    assert!(
+        !records
+            .iter()
+            .any(|r| r.chain_id == session
+                && matches!(&r.body, Body::Frame(f) if f.payload.is_some()))
+    );
+}
+
+/// An HTTPS server speaking just enough HTTP/1.1 (keep-alive, fixed responses).
+async fn https_upstream(ca: &cloudtap_edge::pki::Ca) -> String {
+    use rustls_pki_types::pem::PemObject;
+    let issued = ca.issue_server(&["localhost"]).unwrap();
+    let certs: Vec<_> =
+        rustls_pki_types::CertificateDer::pem_slice_iter(issued.cert_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).unwrap();
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(s).await else {
+                    return;
+                };
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        let body = br#"{"secure":true}"#;
+                        let head = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                            body.len()
+                        );
+                        tls.write_all(head.as_bytes()).await.unwrap();
+                        tls.write_all(body).await.unwrap();
+                    }
+                    match tls.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    format!("localhost:{port}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_target_is_mirrored_through_upstream_tls() {
+    let ca = cloudtap_edge::pki::generate_ca("staging CA").unwrap();
+    let upstream = https_upstream(&ca).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = dir.path().join("staging.pem");
+    std::fs::write(&ca_path, &ca.cert_pem).unwrap();
+    let mut cfg = config(&[("secure", upstream)]);
+    cfg.targets[0].tls = Some(cloudtap_edge::config::UpstreamTls {
+        sni: Some("localhost".into()),
+        ca: Some(ca_path),
+        insecure_skip_verify: false,
+    });
+    let edge = TestEdge::start(cfg).await;
+    let (tunnel, open, _) = edge.tunnel(&edge.admin_tls(), "secure").await;
+    let session: uuid::Uuid = open.session_id.parse().unwrap();
+    let mut s = tunnel.open_stream("client").await.unwrap();
+    for path in ["/a", "/b"] {
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: secure.staging\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        while !got.ends_with(br#"{"secure":true}"#) {
+            let mut b = [0u8; 1024];
+            let n = s.read(&mut b).await.unwrap();
+            assert!(n > 0, "the stream ended early");
+            got.extend_from_slice(&b[..n]);
+        }
+    }
+    drop(s);
+    drop(tunnel);
+    let (_dir, log) = edge.stop().await;
+    let xs = exchanges(&all_records(log.as_ref()).await, session);
+    assert_eq!(
+        xs.iter()
+            .map(|x| (
+                x.exchange_index,
+                x.path.as_str(),
+                x.status,
+                text(&x.response_body)
+            ))
+            .collect::<Vec<_>>(),
+        [
+            (0, "/a", 200, r#"{"secure":true}"#.to_owned()),
+            (1, "/b", 200, r#"{"secure":true}"#.to_owned()),
+        ]
+    );
+    assert!(xs.iter().all(|x| x.authority == "secure.staging"));
+}
+
+/// The twenty seeded secrets: none may be found in any stored artifact.
+const SECRETS: [&str; 20] = [
+    "s01-BearerHeaderToken77",
+    "s02-CookieSessionValue",
+    "s03-ApiKeyHeaderValue",
+    "s04-7Hq2CookieFromServer",
+    "s05-JsonPasswordValue",
+    "s06-NestedClientSecret",
+    "s07-RespTokenValue9911",
+    "4111111111111111",
+    "s09.alice@example.com",
+    "s10-FreeTextBearerTok",
+    "5500 0000 0000 0004",
+    "s12-QueryAccessToken",
+    "s13.bob@example.org",
+    "s14-GzippedApiKey5521",
+    "s15-SignaturePartQ8vZ",
+    "s16.carol@example.net",
+    "s17-ForwardedBearerTk",
+    "s18-SplitHeaderBearer",
+    "s19-SplitJsonPassword",
+    "s20-FormPasswordValue",
+];
+/// Values that are not secret and must survive, intact, in the exchange records.
+const KEPT: [&str; 5] = [
+    "plain-gz-value",
+    "public-kind-header",
+    "visible-json-field",
+    "free text stays",
+    "user=form-user",
+];
+
+/// Drives traffic seeded with the secrets through an edge on `log`, in HTTP/1 headers,
+/// JSON fields, free text, a gzip body, a form, the query and path, and split across two
+/// TCP writes.
+async fn seeded_traffic(log: Arc<dyn EventLog>) -> uuid::Uuid {
+    let upstream = api_upstream().await;
+    let edge = TestEdge::start_with_log(
+        tempfile::tempdir().unwrap(),
+        config(&[("api", upstream)]),
+        log,
+    )
+    .await;
+    let (tunnel, open, _) = edge.tunnel(&edge.admin_tls(), "api").await;
+    let session: uuid::Uuid = open.session_id.parse().unwrap();
+    let [
+        s01,
+        s02,
+        s03,
+        _s04,
+        s05,
+        s06,
+        _s07,
+        s08,
+        s09,
+        s10,
+        s11,
+        s12,
+        s13,
+        _s14,
+        _s15,
+        s16,
+        s17,
+        s18,
+        s19,
+        s20,
+    ] = SECRETS;
+    let json = format!(
+        r#"{{"user":"ann","password":"{s05}","credentials":{{"client_secret":"{s06}"}},"cards":[{{"card_number":"{s08}"}}],"kept":"visible-json-field"}}"#
+    );
+    let free = format!("free text stays; mail {s09}; Bearer {s10}; card {s11}");
+    let form = format!("user=form-user&password={s20}");
+    let split_json = format!(r#"{{"password":"{s19}"}}"#);
+    let mut s = tunnel.open_stream("client").await.unwrap();
+    let mut writes: Vec<Vec<u8>> = vec![
+        format!(
+            "POST /login?access_token={s12}&email={} HTTP/1.1\r\nHost: api.internal\r\nAuthorization: Bearer {s01}\r\nCookie: session={s02}\r\nX-Api-Key: {s03}\r\nX-Kind: public-kind-header\r\nX-Forwarded-Auth: Bearer {s17}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{json}",
+            s13,
+            json.len()
+        )
+        .into_bytes(),
+        format!(
+            "POST /notes/{s16} HTTP/1.1\r\nHost: api.internal\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{free}",
+            free.len()
+        )
+        .into_bytes(),
+        format!(
+            "POST /form HTTP/1.1\r\nHost: api.internal\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{form}",
+            form.len()
+        )
+        .into_bytes(),
+        b"GET /gz HTTP/1.1\r\nHost: api.internal\r\n\r\n".to_vec(),
+    ];
+    // A header and a JSON body, each split across two writes mid-secret.
+    let split = format!(
+        "POST /split HTTP/1.1\r\nHost: api.internal\r\nAuthorization: Bearer {s18}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{split_json}",
+        split_json.len()
+    );
+    let cut1 = split.find(&s18[..8]).unwrap() + 4;
+    let cut2 = split.find(&s19[..8]).unwrap() + 5;
+    writes.push(split.as_bytes()[..cut1].to_vec());
+    writes.push(split.as_bytes()[cut1..cut2].to_vec());
+    writes.push(split.as_bytes()[cut2..].to_vec());
+    for w in writes {
+        s.write_all(&w).await.unwrap();
+        s.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let mut resp = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut resp))
+        .await
+        .expect("the upstream closes after `Connection: close`")
+        .unwrap();
+    let resp = String::from_utf8_lossy(&resp);
+    assert_eq!(resp.matches("HTTP/1.1 200 OK").count(), 5, "{resp}");
+    drop(s);
+    drop(tunnel);
+    edge.stop().await;
+    session
+}
+
+/// Every stored form of `records` — the records encoded as the log stores them —
+/// searched for every secret; and the kept values found.
+fn assert_no_secret(where_: &str, records: &[Record], session: uuid::Uuid) {
+    let encoded: Vec<Vec<u8>> = records.iter().map(encode_record).collect();
+    for secret in SECRETS {
+        for (r, e) in records.iter().zip(&encoded) {
+            assert!(
+                !e.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "{where_}: secret {secret:?} found in {r:?}"
+            );
+        }
+    }
+    let xs = exchanges(records, session);
+    assert_eq!(xs.len(), 5, "{where_}: five exchanges");
+    let all: String = xs
+        .iter()
+        .map(|x| format!("{x:?}{}{}", text(&x.request_body), text(&x.response_body)))
+        .collect();
+    for kept in KEPT {
+        assert!(
+            all.contains(kept),
+            "{where_}: {kept:?} is missing from the exchanges"
+        );
+    }
+}
+
+/// Every record in the Parquet archive of `log`, read back with the Parquet reader.
+async fn archived(log: Arc<dyn EventLog>) -> Vec<Record> {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(LocalStore::new(dir.path()));
+    Recorder::new(log, store.clone(), RecorderSettings::default())
+        .drain(&CancellationToken::new())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    for table in ["frames", "events", "http_exchanges"] {
+        for obj in store.list(&format!("{table}/")).await.unwrap() {
+            let data = store.get(&obj.key).await.unwrap().unwrap();
+            let reader =
+                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(data)
+                    .unwrap()
+                    .build()
+                    .unwrap();
+            for b in reader {
+                out.extend(tables::records_from_batch(&b.unwrap()).unwrap());
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeded_secrets_are_in_no_segment_file_and_no_parquet_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let log: Arc<dyn EventLog> = Arc::new(
+        cloudtap_recorder::FileLog::open(cloudtap_recorder::FileLogConfig::new(
+            dir.path().join("log"),
+        ))
+        .await
+        .unwrap(),
+    );
+    let session = seeded_traffic(log.clone()).await;
+    // The segment files themselves, byte for byte.
+    for entry in std::fs::read_dir(dir.path().join("log")).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        for secret in SECRETS {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "secret {secret:?} is in a segment file"
+            );
+        }
+    }
+    assert_no_secret("segment log", &all_records(log.as_ref()).await, session);
+    assert_no_secret("parquet", &archived(log).await, session);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeded_secrets_are_in_no_kafka_record() {
+    let Some(broker) = testenv::service("CLOUDTAP_TEST_KAFKA", "kafka redaction") else {
+        return;
+    };
+    let url = testenv::kafka_url(
+        &broker,
+        &format!("redaction-{}", uuid::Uuid::now_v7().simple()),
+        1,
+    );
+    let log: Arc<dyn EventLog> = Arc::new(
+        KafkaLog::open(KafkaLogConfig::from_url(&url).unwrap())
+            .await
+            .unwrap(),
+    );
+    let session = seeded_traffic(log.clone()).await;
+    assert_no_secret("kafka", &all_records(log.as_ref()).await, session);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_capture_keeps_no_headers_or_bodies() {
+    let upstream = api_upstream().await;
+    let mut cfg = config(&[("api", upstream)]);
+    cfg.targets[0].capture = Some(CaptureLevel::Metadata);
+    let edge = TestEdge::start(cfg).await;
+    let (tunnel, open, _) = edge.tunnel(&edge.admin_tls(), "api").await;
+    let session: uuid::Uuid = open.session_id.parse().unwrap();
+    let mut s = tunnel.open_stream("client").await.unwrap();
+    s.write_all(b"GET /users/1 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).await.unwrap();
+    drop(tunnel);
+    let (_dir, log) = edge.stop().await;
+    let xs = exchanges(&all_records(log.as_ref()).await, session);
+    assert_eq!(xs.len(), 1);
+    let x = &xs[0];
+    assert_eq!(
+        (x.path.as_str(), x.status, x.capture.as_str()),
+        ("/users/1", 200, "metadata")
+    );
+    assert!(x.request_headers.is_empty() && x.response_headers.is_empty());
+    assert!(x.response_body.content.is_none());
+    assert_eq!(x.response_body.size, 38);
+}
+
+/// Random bytes, truncated and oversized HTTP messages on an `http1` route to an echo
+/// server: every byte comes back unchanged, nothing stalls, and an event says why the
+/// stream's parsing stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_an_http_route_is_forwarded_unchanged() {
+    let upstream = echo_upstream().await;
+    let mut cfg = config(&[("h", upstream)]);
+    cfg.targets[0].protocol = Protocol::Http1;
+    cfg.targets[0].capture = Some(CaptureLevel::Full);
+    let edge = TestEdge::start(cfg).await;
+    let (tunnel, open, _) = edge.tunnel(&edge.admin_tls(), "h").await;
+    let session: uuid::Uuid = open.session_id.parse().unwrap();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rand = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut oversized = b"GET / HTTP/1.1\r\nX-Big: ".to_vec();
+    oversized.extend(std::iter::repeat_n(b'a', 200_000));
+    let cases: Vec<Vec<u8>> = vec![
+        (0..50_000).map(|_| rand() as u8).collect(),
+        b"POST /x HTTP/1.1\r\nContent-Length: 100\r\n\r\nonly-part".to_vec(),
+        b"GET /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nZZZ\r\n".to_vec(),
+        oversized,
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        let s = tunnel.open_stream("client").await.unwrap();
+        let (mut r, mut w) = tokio::io::split(s);
+        let send = case.clone();
+        let writer = tokio::spawn(async move {
+            for part in send.chunks(7_919) {
+                w.write_all(part).await.unwrap();
+            }
+            w.shutdown().await.unwrap();
+        });
+        let mut back = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), r.read_to_end(&mut back))
+            .await
+            .expect("the stream stalled")
+            .unwrap();
+        writer.await.unwrap();
+        assert_eq!(&back, case, "case {i}: the echoed bytes differ");
+    }
+    drop(tunnel);
+    let (_dir, log) = edge.stop().await;
+    let records = all_records(log.as_ref()).await;
+    let events: Vec<String> = records
+        .iter()
+        .filter(|r| r.chain_id == session)
+        .filter_map(|r| match &r.body {
+            Body::Audit(a) if a.action == "mirror_stopped" => Some(a.detail.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.contains("malformed") || e.contains("invalid")),
+        "{events:?}"
+    );
+    // Each case stops its stream's parser (which side's bytes stop it first depends
+    // on how fast the echo comes back; the parser's unit tests pin each reason).
+    for stream in 1..=cases.len() {
+        assert!(
+            events
+                .iter()
+                .any(|e| e.starts_with(&format!("stream {stream}:"))),
+            "stream {stream}: {events:?}"
+        );
+    }
+    // The truncated request has no response: recorded as such.
+    let xs = exchanges(&records, session);
+    assert!(xs.iter().any(|x| x.path == "/x" && x.status == 0), "{xs:?}");
+}
