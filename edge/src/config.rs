@@ -299,8 +299,9 @@ pub struct TargetConfig {
     pub tls: Option<UpstreamTls>,
     #[serde(default)]
     pub on_log_backpressure: Backpressure,
-    /// What the route carries: `auto` (default: HTTP/1.x when the client's first bytes
-    /// are an HTTP request, otherwise opaque TCP), `http1`, or `tcp` (never parsed).
+    /// What the route carries: `auto` (default: HTTP/1.x or HTTP/2 — gRPC included —
+    /// from the client's first bytes, otherwise opaque TCP), `http1`, `http2` (or
+    /// `grpc`), or `tcp` (never parsed).
     #[serde(default)]
     pub protocol: Protocol,
     /// What is kept: `full`, `exchanges` or `metadata`. Default: `exchanges` for HTTP
@@ -315,6 +316,9 @@ pub enum Protocol {
     #[default]
     Auto,
     Http1,
+    /// HTTP/2 with prior knowledge (h2c); `grpc` is the same.
+    #[serde(alias = "grpc")]
+    Http2,
     Tcp,
 }
 

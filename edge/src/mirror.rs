@@ -12,6 +12,7 @@
 //! failure stops the parser, turns off the stream's payload capture, and is recorded.
 
 pub mod http1;
+pub mod http2;
 pub mod redact;
 
 use std::io::Read;
@@ -29,13 +30,14 @@ use crate::config::{Backpressure, CaptureLevel, CaptureSettings, Protocol, Targe
 use crate::session::Session;
 use crate::tap::Tap;
 use http1::{Event, Http1, RawBody, RawExchange, RawHead};
+use http2::Http2;
 use redact::Redactor;
 
 /// What a stream turned out to carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Http1,
-    /// HTTP/2 with prior knowledge (including gRPC): recognised, not yet parsed.
+    /// HTTP/2 with prior knowledge (h2c), gRPC included.
     Http2,
     Opaque,
 }
@@ -53,7 +55,15 @@ pub struct StreamCapture {
 const HTTP_METHODS: [&str; 9] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
 ];
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const H2_PREFACE: &[u8] = http2::PREFACE;
+
+/// Whether bytes start with an HTTP/2 SETTINGS frame on stream 0 (a server's preface).
+fn h2_settings(b: &[u8]) -> bool {
+    b.len() >= 9 && b[3] == 4 && b[4] & !1 == 0 && b[5..9] == [0, 0, 0, 0] && {
+        let len = (usize::from(b[0]) << 16) | (usize::from(b[1]) << 8) | usize::from(b[2]);
+        len % 6 == 0
+    }
+}
 
 /// Whether a client's first bytes look like an HTTP/1.x request (or the start of one).
 fn looks_like_http1(b: &[u8]) -> bool {
@@ -74,12 +84,22 @@ impl StreamCapture {
     }
 
     /// Decides on the stream's first chunk, from either side; later calls return the
-    /// same answer. A server that speaks first makes the stream opaque.
-    pub fn decide(&self, dir: Direction, first: &[u8]) -> (Kind, CaptureLevel) {
-        *self.decided.get_or_init(|| {
+    /// same answer. A server that speaks first makes the stream opaque — except when
+    /// what it says is an HTTP/2 SETTINGS frame (an h2c server's preface, which h2
+    /// servers send without waiting for the client's): then nothing is decided until
+    /// the client speaks (`None`), and those chunks keep no payload.
+    pub fn decide(&self, dir: Direction, first: &[u8]) -> Option<(Kind, CaptureLevel)> {
+        if let Some(d) = self.decided.get() {
+            return Some(*d);
+        }
+        if self.protocol == Protocol::Auto && dir == Direction::Down && h2_settings(first) {
+            return None;
+        }
+        Some(*self.decided.get_or_init(|| {
             let kind = match self.protocol {
                 Protocol::Tcp => Kind::Opaque,
                 Protocol::Http1 => Kind::Http1,
+                Protocol::Http2 => Kind::Http2,
                 Protocol::Auto if dir == Direction::Down => Kind::Opaque,
                 Protocol::Auto
                     if first.starts_with(H2_PREFACE) || H2_PREFACE.starts_with(first) =>
@@ -91,13 +111,15 @@ impl StreamCapture {
             };
             let level = self.level.unwrap_or(match kind {
                 Kind::Opaque => CaptureLevel::Full,
-                // HTTP/2 is not parsed yet: its frames (HPACK headers, bodies) would be
-                // stored unredacted under `full`, so by default they keep no payload.
-                Kind::Http2 => CaptureLevel::Metadata,
-                Kind::Http1 => CaptureLevel::Exchanges,
+                Kind::Http1 | Kind::Http2 => CaptureLevel::Exchanges,
             });
             (kind, level)
-        })
+        }))
+    }
+
+    /// What was decided, if anything yet.
+    pub fn decided(&self) -> Option<(Kind, CaptureLevel)> {
+        self.decided.get().copied()
     }
 
     /// Whether frames of this stream carry their payload now.
@@ -214,36 +236,25 @@ async fn run(
     shaper: Shaper,
     lost: Arc<AtomicBool>,
 ) {
-    let mut parser: Option<Http1> = None;
+    let mut parser: Option<Parser> = None;
     let mut events = Vec::new();
     let mut last_ts = 0;
     let mut stopped = false;
+    // Server chunks that came before the stream was decided (an h2c server's SETTINGS).
+    let mut early: Vec<Chunk> = Vec::new();
     while let Some(chunk) = rx.recv().await {
         last_ts = chunk.ts;
         if stopped {
             continue;
         }
-        let (kind, level) = capture.decide(chunk.dir, &chunk.bytes);
-        match kind {
-            Kind::Opaque => {
-                stopped = true;
-                continue;
-            }
-            Kind::Http2 => {
-                stopped = true;
-                event(
-                    &tap,
-                    &session,
-                    "mirror_unsupported",
-                    format!(
-                        "stream {stream_id}: HTTP/2 (or gRPC) is not mirrored by this edge yet; frames are recorded at capture level {}",
-                        level.as_str()
-                    ),
-                )
-                .await;
-                continue;
-            }
-            Kind::Http1 => {}
+        // The forwarders decide before they hand a chunk over; the mirror only reads.
+        let Some((kind, level)) = capture.decided() else {
+            early.push(chunk);
+            continue;
+        };
+        if kind == Kind::Opaque {
+            stopped = true;
+            continue;
         }
         if lost.load(Ordering::Relaxed) {
             stopped = true;
@@ -259,7 +270,16 @@ async fn run(
             .await;
             continue;
         }
-        let p = parser.get_or_insert_with(|| Http1::new(shaper.max_body));
+        let p = parser.get_or_insert_with(|| match kind {
+            Kind::Http2 => Parser::H2(Http2::new(shaper.max_body)),
+            _ => Parser::H1(Http1::new(shaper.max_body)),
+        });
+        if kind == Kind::Http2 {
+            for c in early.drain(..) {
+                p.feed(c.dir, &c.bytes, c.ts, &mut events);
+            }
+        }
+        early.clear();
         p.feed(chunk.dir, &chunk.bytes, chunk.ts, &mut events);
         for e in events.drain(..) {
             emit(&tap, &session, &capture, stream_id, level, &shaper, e).await;
@@ -276,6 +296,35 @@ async fn run(
             .map_or(CaptureLevel::Exchanges, |d| d.1);
         for e in events.drain(..) {
             emit(&tap, &session, &capture, stream_id, level, &shaper, e).await;
+        }
+    }
+}
+
+/// The parser of a stream's protocol.
+enum Parser {
+    H1(Http1),
+    H2(Http2),
+}
+
+impl Parser {
+    fn feed(&mut self, dir: Direction, bytes: &[u8], ts: i64, out: &mut Vec<Event>) {
+        match self {
+            Parser::H1(p) => p.feed(dir, bytes, ts, out),
+            Parser::H2(p) => p.feed(dir, bytes, ts, out),
+        }
+    }
+
+    fn finish(&mut self, ts: i64, out: &mut Vec<Event>) {
+        match self {
+            Parser::H1(p) => p.finish(ts, out),
+            Parser::H2(p) => p.finish(ts, out),
+        }
+    }
+
+    fn is_done(&self) -> bool {
+        match self {
+            Parser::H1(p) => p.is_done(),
+            Parser::H2(p) => p.is_done(),
         }
     }
 }
@@ -306,10 +355,12 @@ async fn emit(
         Event::StreamEnd(x) => shaper.exchange(stream_id, level, ExchangePhase::End, &x),
         Event::StreamMessage {
             index,
+            dir,
+            grpc,
             message,
             data,
             ts,
-        } => shaper.message(stream_id, level, index, message, &data, ts),
+        } => shaper.message(stream_id, level, (index, message), dir, grpc, &data, ts),
         Event::Upgraded => return,
         Event::Stopped(reason) => {
             capture.payload_off.store(true, Ordering::Release);
@@ -391,6 +442,32 @@ impl Shaper {
             .or(abs_authority)
             .unwrap_or_default();
         let resp = x.response.as_ref();
+        let grpc = req
+            .header("content-type")
+            .is_some_and(|c| c.starts_with(b"application/grpc"));
+        let (grpc_service, grpc_method) =
+            match path.strip_prefix('/').and_then(|p| p.rsplit_once('/')) {
+                Some((svc, method)) if grpc => (svc.to_owned(), method.to_owned()),
+                _ => (String::new(), String::new()),
+            };
+        // gRPC's status is a trailer, or a header of a trailers-only response.
+        let grpc_status = if grpc {
+            x.trailers
+                .iter()
+                .chain(resp.map(|r| r.headers.as_slice()).unwrap_or_default())
+                .find(|(n, _)| n == "grpc-status")
+                .map(|(_, v)| lossy(v))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let mut response_headers = self.headers(level, resp);
+        if level != CaptureLevel::Metadata {
+            response_headers.extend(x.trailers.iter().map(|(name, value)| Header {
+                name: name.clone(),
+                value: self.redactor.header_value(name, &lossy(value)),
+            }));
+        }
         // `start` records carry the head only; the body follows as messages.
         let response_body = match phase {
             ExchangePhase::Start => BodyCapture::default(),
@@ -407,13 +484,13 @@ impl Shaper {
             path: self.redactor.path(&path),
             query: self.redactor.form(&query),
             status: resp.map_or(0, |r| u32::from(r.status)),
-            grpc_service: String::new(),
-            grpc_method: String::new(),
-            grpc_status: String::new(),
+            grpc_service,
+            grpc_method,
+            grpc_status,
             start_unix_nanos: x.start_ts,
             end_unix_nanos: x.end_ts,
             request_headers: self.headers(level, Some(req)),
-            response_headers: self.headers(level, resp),
+            response_headers,
             request_body: self.body(level, Some(req), &x.request_body, false),
             response_body,
             traceparent: req
@@ -427,29 +504,53 @@ impl Shaper {
         }
     }
 
+    /// One message of a long-lived exchange: `(exchange, message)` index; a client's
+    /// message goes in `request_body`, a server's in `response_body`.
+    #[allow(clippy::too_many_arguments)]
     fn message(
         &self,
         stream_id: u64,
         level: CaptureLevel,
-        index: u64,
-        message: u64,
+        (index, message): (u64, u64),
+        dir: Direction,
+        grpc: bool,
         data: &[u8],
         ts: i64,
     ) -> HttpExchange {
         let mut raw = RawBody::new(self.max_body);
         raw.push(data);
-        let mut body = self.body(level, None, &raw, false);
-        if level != CaptureLevel::Metadata && body.content.is_none() && body.note.is_empty() {
-            body.note = "event is not text; not stored".into();
-        }
+        let body = if grpc {
+            BodyCapture {
+                size: raw.size,
+                sha256: raw.sha256(),
+                note: if level == CaptureLevel::Metadata {
+                    String::new()
+                } else {
+                    GRPC_NOT_STORED.into()
+                },
+                ..BodyCapture::default()
+            }
+        } else {
+            let mut b = self.body(level, None, &raw, false);
+            if level != CaptureLevel::Metadata && b.content.is_none() && b.note.is_empty() {
+                b.note = "event is not text; not stored".into();
+            }
+            b
+        };
+        let (request_body, response_body) = match dir {
+            Direction::Up => (body, BodyCapture::default()),
+            Direction::Down => (BodyCapture::default(), body),
+        };
         HttpExchange {
             stream_id,
             exchange_index: index,
             phase: ExchangePhase::Message,
             message_index: message,
+            protocol: if grpc { "HTTP/2" } else { "" }.into(),
             start_unix_nanos: ts,
             end_unix_nanos: ts,
-            response_body: body,
+            request_body,
+            response_body,
             capture: level.as_str().into(),
             redaction_version: self.redactor.version,
             ..HttpExchange::default()
@@ -497,6 +598,15 @@ impl Shaper {
             out.note = "multipart bodies are not inspected; not stored".into();
             return out;
         }
+        if content_type.starts_with("application/grpc") {
+            out.note = GRPC_NOT_STORED.into();
+            return out;
+        }
+        if content_type.starts_with("application/octet-stream") || content_type.contains("protobuf")
+        {
+            out.note = format!("{content_type} bodies are not inspected; not stored");
+            return out;
+        }
         let text = match std::str::from_utf8(&decoded) {
             Ok(_) => String::from_utf8(std::mem::take(&mut decoded)).expect("checked just above"),
             Err(e) if truncated && e.error_len().is_none() => {
@@ -542,6 +652,8 @@ impl Shaper {
         out
     }
 }
+
+const GRPC_NOT_STORED: &str = "gRPC messages (protobuf) are not inspected; not stored";
 
 /// Decodes a body's kept bytes per its `content-encoding`, up to `max` bytes.
 /// Returns the bytes and whether there was more; `Err` names why it cannot be read.

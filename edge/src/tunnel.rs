@@ -661,7 +661,7 @@ where
         }
         *activity.lock().expect("activity lock") = Instant::now();
         let chunk = buf.split_to(n).freeze();
-        let (kind, _) = ctx.capture.decide(dir, &chunk);
+        let kind = ctx.capture.decide(dir, &chunk).map(|d| d.0);
         let frame = Body::Frame(Frame {
             stream_id,
             direction: dir,
@@ -678,7 +678,7 @@ where
             session.request_close(CloseReason::EdgeShutdown, e.to_string());
             return (offset, Some(e.to_string()));
         }
-        if kind != Kind::Opaque
+        if kind != Some(Kind::Opaque)
             && let Some(m) = ctx.mirror
         {
             m.feed(dir, &chunk).await;

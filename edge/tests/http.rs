@@ -626,7 +626,7 @@ async fn garbage_on_an_http_route_is_forwarded_unchanged() {
         let mut back = Vec::new();
         tokio::time::timeout(Duration::from_secs(20), r.read_to_end(&mut back))
             .await
-            .expect("the stream stalled")
+            .unwrap_or_else(|_| panic!("case {i}: the stream stalled"))
             .unwrap();
         writer.await.unwrap();
         assert_eq!(&back, case, "case {i}: the echoed bytes differ");
@@ -661,4 +661,204 @@ async fn garbage_on_an_http_route_is_forwarded_unchanged() {
     // The truncated request has no response: recorded as such.
     let xs = exchanges(&records, session);
     assert!(xs.iter().any(|x| x.path == "/x" && x.status == 0), "{xs:?}");
+}
+
+/// An HTTP/2 (prior knowledge) client connection over one tunnel stream.
+async fn h2_client(
+    tunnel: &cloudtap_edge::client::Tunnel,
+) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let stream = tunnel.open_stream("client").await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_leaves_one_record_per_exchange() {
+    let upstream = api_upstream().await;
+    let edge = TestEdge::start(config(&[("api", upstream)])).await;
+    let (tunnel, open, _) = edge.tunnel(&edge.admin_tls(), "api").await;
+    let session: uuid::Uuid = open.session_id.parse().unwrap();
+    let mut sender = h2_client(&tunnel).await;
+    let mut statuses = Vec::new();
+    for (method, path, body) in [
+        ("GET", "/users/9?token=h2-query-secret", ""),
+        (
+            "POST",
+            "/login",
+            r#"{"password":"h2-body-secret","user":"bo"}"#,
+        ),
+        ("GET", "/gz", ""),
+    ] {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://api.internal{path}"))
+            .header("authorization", "Bearer h2-header-secret")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        sender.ready().await.unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        statuses.push(resp.status().as_u16());
+        resp.into_body().collect().await.unwrap();
+    }
+    assert_eq!(statuses, [200, 200, 200]);
+    drop(sender);
+    drop(tunnel);
+    let (_dir, log) = edge.stop().await;
+    let records = all_records(log.as_ref()).await;
+    let xs = exchanges(&records, session);
+    assert_eq!(
+        xs.iter()
+            .map(|x| (
+                x.exchange_index,
+                x.phase,
+                x.method.as_str(),
+                x.path.as_str(),
+                x.status
+            ))
+            .collect::<Vec<_>>(),
+        [
+            (0, ExchangePhase::Complete, "GET", "/users/9", 200),
+            (1, ExchangePhase::Complete, "POST", "/login", 200),
+            (2, ExchangePhase::Complete, "GET", "/gz", 200),
+        ]
+    );
+    assert!(
+        xs.iter()
+            .all(|x| x.protocol == "HTTP/2" && x.authority == "api.internal")
+    );
+    assert_eq!(xs[0].query, "token=[REDACTED]");
+    assert_eq!(
+        header(&xs[0].request_headers, "authorization"),
+        Some("[REDACTED]")
+    );
+    assert_eq!(
+        text(&xs[0].response_body),
+        r#"{"id":"9","name":"ann","role":"admin"}"#
+    );
+    assert_eq!(
+        text(&xs[1].request_body),
+        r#"{"password":"[REDACTED]","user":"bo"}"#
+    );
+    assert!(text(&xs[2].response_body).contains("plain-gz-value"));
+    for secret in ["h2-query-secret", "h2-body-secret", "h2-header-secret"] {
+        assert!(
+            !records.iter().any(|r| encode_record(r)
+                .windows(secret.len())
+                .any(|w| w == secret.as_bytes())),
+            "{secret} was stored"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tonic_grpc_unary_and_streaming_calls_are_recorded() {
+    use cloudtap_proto::tunnel::v1 as pb;
+    // The staging service: another edge's own gRPC API, with a heartbeat a second so
+    // that `WatchEvents` streams.
+    let mut staging_cfg = config(&[]);
+    staging_cfg.limits.heartbeat_secs = 1;
+    let staging = TestEdge::start(staging_cfg).await;
+    let token = staging.login(&staging.admin_tls()).await.token;
+    let staging_addr = staging.grpc.trim_start_matches("http://").to_owned();
+    let edge = TestEdge::start(config(&[("grpc", staging_addr)])).await;
+    let (tunnel, open, _) = edge.tunnel(&edge.admin_tls(), "grpc").await;
+    let session: uuid::Uuid = open.session_id.parse().unwrap();
+
+    // tonic over a tunnel stream.
+    let opener = tunnel.opener();
+    let channel = tonic::transport::Endpoint::from_static("http://staging.internal")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let opener = opener.clone();
+            async move {
+                opener
+                    .open_stream("grpc-client")
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        }))
+        .await
+        .unwrap();
+    let mut client = pb::tunnel_service_client::TunnelServiceClient::new(channel);
+    let targets = client
+        .list_targets(bearer(pb::ListTargetsRequest {}, &token))
+        .await
+        .unwrap();
+    assert!(targets.into_inner().targets.is_empty());
+    let refused = client
+        .list_targets(tonic::Request::new(pb::ListTargetsRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    let mut events = client
+        .watch_events(bearer(
+            pb::WatchEventsRequest {
+                kinds: vec!["heartbeat".into()],
+                ..Default::default()
+            },
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    for _ in 0..2 {
+        let e = tokio::time::timeout(Duration::from_secs(10), events.message())
+            .await
+            .expect("a heartbeat within 10 s")
+            .unwrap()
+            .unwrap();
+        assert_eq!(e.kind, "heartbeat");
+    }
+    drop(events); // the client cancels the call: RST_STREAM
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(client);
+    drop(tunnel);
+    let (_dir, log) = edge.stop().await;
+    staging.stop().await;
+    let xs = exchanges(&all_records(log.as_ref()).await, session);
+
+    let unary: Vec<_> = xs
+        .iter()
+        .filter(|x| x.grpc_method == "ListTargets")
+        .collect();
+    assert_eq!(unary.len(), 2, "each unary call is one record: {xs:#?}");
+    for x in &unary {
+        assert_eq!(x.phase, ExchangePhase::Complete);
+        assert_eq!(x.grpc_service, "cloudtap.tunnel.v1.TunnelService");
+        assert_eq!(x.protocol, "HTTP/2");
+        assert_eq!(x.status, 200);
+        assert!(x.request_body.content.is_none());
+        assert!(x.request_body.note.contains("gRPC"), "{:?}", x.request_body);
+    }
+    assert_eq!(unary[0].grpc_status, "0");
+    assert_eq!(unary[1].grpc_status, "16");
+    assert_eq!(
+        header(&unary[0].request_headers, "authorization"),
+        Some("[REDACTED]")
+    );
+
+    let watch: Vec<_> = xs.iter().filter(|x| x.exchange_index == 2).collect();
+    let phases: Vec<_> = watch.iter().map(|x| x.phase).collect();
+    assert_eq!(phases.first(), Some(&ExchangePhase::Start), "{watch:#?}");
+    assert_eq!(phases.last(), Some(&ExchangePhase::End), "{watch:#?}");
+    assert_eq!(watch[0].grpc_method, "WatchEvents");
+    let messages: Vec<_> = watch
+        .iter()
+        .filter(|x| x.phase == ExchangePhase::Message)
+        .collect();
+    // The request, then at least the two heartbeats the client read.
+    assert!(messages.len() >= 3, "{messages:#?}");
+    assert!(messages[0].request_body.size > 0 && messages[0].response_body.size == 0);
+    assert!(messages[1..].iter().all(|m| m.response_body.size > 0));
+    assert!(
+        watch.last().unwrap().note.contains("reset by the client"),
+        "{:?}",
+        watch.last().unwrap().note
+    );
 }

@@ -108,6 +108,8 @@ pub struct RawExchange {
     pub end_ts: i64,
     /// Something the record should say (upgrade, no response, cut short).
     pub note: String,
+    /// HTTP/2 trailers (gRPC's `grpc-status`), names lowercased.
+    pub trailers: Vec<(String, Vec<u8>)>,
 }
 
 #[derive(Debug)]
@@ -116,9 +118,13 @@ pub enum Event {
     Exchange(RawExchange),
     /// The head of a server-sent event stream (the exchange goes on).
     StreamStart(RawExchange),
-    /// One server-sent event of exchange `index`.
+    /// One message of exchange `index`: a server-sent event, or a gRPC message (either
+    /// direction).
     StreamMessage {
         index: u64,
+        dir: Direction,
+        /// A gRPC message (protobuf, never stored) rather than an event (text).
+        grpc: bool,
         message: u64,
         data: Vec<u8>,
         ts: i64,
@@ -350,6 +356,7 @@ impl Http1 {
                             start_ts: ts,
                             end_ts: 0,
                             note: String::new(),
+                            trailers: Vec::new(),
                         },
                         request_done: false,
                         response_done: false,
@@ -486,6 +493,8 @@ impl Http1 {
                     for (message, data) in messages {
                         out.push(Event::StreamMessage {
                             index,
+                            dir: Direction::Down,
+                            grpc: false,
                             message,
                             data,
                             ts,
