@@ -99,6 +99,16 @@ pub enum Cmd {
     /// Admin: issue or revoke tokens.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Print HTTP and gRPC exchanges as they happen (time, target, method, path,
+    /// status, latency), for the sessions you may read.
+    Tail {
+        /// Only this session.
+        #[arg(long)]
+        session: Option<String>,
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -403,6 +413,28 @@ impl Control {
         }
     }
 
+    /// Live events matching `filter` (gRPC only: the HTTP API's equivalent is the
+    /// server-sent event stream `GET /v1/events`).
+    async fn watch(
+        &mut self,
+        token: &str,
+        filter: pb::WatchEventsRequest,
+    ) -> Result<tonic::Streaming<pb::Event>, CallError> {
+        match self {
+            Control::Grpc(c) => c
+                .watch_events(with_bearer(filter, token))
+                .await
+                .map(|r| r.into_inner())
+                .map_err(status_error),
+            Control::Http(base) => Err(CallError {
+                code: "unavailable".into(),
+                message: format!(
+                    "live events need the gRPC control plane, which is unreachable; the HTTP API serves them as server-sent events at {base}/v1/events?kind=http_exchange"
+                ),
+            }),
+        }
+    }
+
     async fn list_targets(
         &mut self,
         token: &str,
@@ -507,8 +539,13 @@ async fn login(ctx: &Ctx, ttl: Option<Duration>) -> CtlResult<CachedToken> {
         tunnel_addr: addr,
     };
     let path = paths::token_cache(&ctx.data_dir);
-    write_secret(&path, &serde_json::to_vec(&cached)?)
-        .with_context(|| format!("cannot cache the token in {}", path.display()))?;
+    // A token that cannot be cached still works for this command.
+    if let Err(e) = write_secret(&path, &serde_json::to_vec(&cached)?) {
+        eprintln!(
+            "cloudtapctl: cannot cache the token in {} ({e}); the next command logs in again",
+            path.display()
+        );
+    }
     Ok(cached)
 }
 
@@ -517,7 +554,8 @@ fn write_secret(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let tmp = path.with_extension("tmp");
+    // Per process: two cloudtapctl logging in at once must not share a temporary file.
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -717,6 +755,18 @@ pub async fn main(cli: Cli) -> CtlResult<()> {
             Ok(())
         }
         Cmd::Proxy { target, local_addr } => proxy(&ctx, &target, local_addr).await,
+        Cmd::Tail { session, target } => {
+            let control = connect(&ctx).await;
+            let filter = pb::WatchEventsRequest {
+                session_id: session.unwrap_or_default(),
+                target: target.unwrap_or_default(),
+                kinds: vec!["http_exchange".into()],
+            };
+            tokio::select! {
+                r = follow_exchanges(&ctx, &control, filter, true) => r,
+                _ = tokio::signal::ctrl_c() => Ok(()),
+            }
+        }
     }
 }
 
@@ -759,6 +809,93 @@ async fn watch_health(url: String) {
         }
         degraded = now;
     }
+}
+
+/// Prints exchange events matching `filter` until the edge goes away. The edge ends
+/// a watch when the token that opened it expires: then it subscribes again with a
+/// fresh token (saying so on stderr, as exchanges in between are only in the log).
+async fn follow_exchanges(
+    ctx: &Ctx,
+    control: &Control,
+    filter: pb::WatchEventsRequest,
+    announce: bool,
+) -> CtlResult<()> {
+    let mut first = true;
+    loop {
+        let mut stream = with_token(ctx, control, |mut c, t| {
+            let filter = filter.clone();
+            async move { c.watch(&t, filter).await }
+        })
+        .await?;
+        if first && announce {
+            eprintln!("cloudtapctl: following HTTP and gRPC exchanges; Ctrl-C to stop");
+        } else if !first {
+            eprintln!(
+                "cloudtapctl: the event stream was renewed; exchanges in the gap are in the traffic log"
+            );
+        }
+        first = false;
+        loop {
+            match stream.message().await {
+                Ok(Some(ev)) => print_exchange(ctx.output, &ev),
+                Ok(None) => break,
+                Err(s) if s.code() == tonic::Code::Unavailable => {
+                    anyhow::bail!("the edge went away: {}", s.message())
+                }
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+/// One exchange event: a JSON object per line, or a line of text.
+fn print_exchange(output: Output, ev: &pb::Event) {
+    let Some(x) = &ev.exchange else { return };
+    if output == Output::Json {
+        println!("{}", cloudtap_edge::grpc::event_json(ev));
+        return;
+    }
+    let when = std::time::UNIX_EPOCH + Duration::from_nanos(ev.ts_unix_nanos.max(0) as u64);
+    let when = humantime::format_rfc3339_millis(when);
+    let query = if x.query.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", x.query)
+    };
+    let what = match x.phase.as_str() {
+        "message" => format!(
+            "message {} ({} B)",
+            x.message_index,
+            x.request_bytes + x.response_bytes
+        ),
+        phase => {
+            let status = if x.status == 0 {
+                "-".to_owned()
+            } else {
+                x.status.to_string()
+            };
+            let grpc = if x.grpc_status.is_empty() {
+                String::new()
+            } else {
+                format!(" grpc-status {}", x.grpc_status)
+            };
+            let latency = if x.duration_ms > 0.0 {
+                format!(" {:.1} ms", x.duration_ms)
+            } else {
+                String::new()
+            };
+            let tag = match phase {
+                "start" => " [stream started]",
+                "end" => " [stream ended]",
+                _ => "",
+            };
+            format!("{status}{grpc}{latency}{tag}")
+        }
+    };
+    println!(
+        "{when} {:<16} {:<7} {}{}{}  {what}",
+        ev.target, x.method, x.authority, x.path, query
+    );
 }
 
 async fn proxy(ctx: &Ctx, target: &str, local_addr: SocketAddr) -> CtlResult<()> {
@@ -831,6 +968,19 @@ async fn proxy(ctx: &Ctx, target: &str, local_addr: SocketAddr) -> CtlResult<()>
             resp.expires_unix,
         );
         tokio::pin!(renew);
+        // The tunnel's own exchanges, as `tail --session` would print them.
+        let shown = follow_exchanges(
+            ctx,
+            &control,
+            pb::WatchEventsRequest {
+                session_id: resp.session_id.clone(),
+                target: String::new(),
+                kinds: vec!["http_exchange".into()],
+            },
+            false,
+        );
+        tokio::pin!(shown);
+        let mut showing = true;
         let outcome = loop {
             tokio::select! {
                 accepted = listener.accept() => {
@@ -839,6 +989,12 @@ async fn proxy(ctx: &Ctx, target: &str, local_addr: SocketAddr) -> CtlResult<()>
                         Err(e) => { eprintln!("cloudtapctl: accept failed: {e}"); continue; }
                     };
                     forward(&tunnel, sock, peer);
+                }
+                r = &mut shown, if showing => {
+                    showing = false;
+                    if let Err(e) = r {
+                        eprintln!("cloudtapctl: not showing exchanges: {e:#}");
+                    }
                 }
                 _ = tunnel.closed() => break Outcome::Dropped,
                 r = &mut renew => break Outcome::RenewRefused(r),

@@ -282,5 +282,55 @@ pub fn to_event(r: &LiveRecord) -> pb::Event {
         target: r.meta.target.clone(),
         identity: r.meta.identity.clone(),
         summary,
+        exchange: match &r.record.body {
+            Body::HttpExchange(x) => Some(exchange_summary(x)),
+            _ => None,
+        },
     }
+}
+
+/// What live views show of an exchange record.
+pub fn exchange_summary(x: &cloudtap_schemas::HttpExchange) -> pb::ExchangeSummary {
+    pb::ExchangeSummary {
+        phase: x.phase.as_str().into(),
+        stream_id: x.stream_id,
+        exchange_index: x.exchange_index,
+        message_index: x.message_index,
+        protocol: x.protocol.clone(),
+        method: x.method.clone(),
+        authority: x.authority.clone(),
+        path: x.path.clone(),
+        query: x.query.clone(),
+        status: x.status,
+        duration_ms: if x.end_unix_nanos > 0 {
+            (x.end_unix_nanos - x.start_unix_nanos) as f64 / 1e6
+        } else {
+            0.0
+        },
+        grpc_service: x.grpc_service.clone(),
+        grpc_method: x.grpc_method.clone(),
+        grpc_status: x.grpc_status.clone(),
+        request_bytes: x.request_body.size,
+        response_bytes: x.response_body.size,
+        note: x.note.clone(),
+    }
+}
+
+/// An event as one JSON object (the HTTP event stream and `cloudtapctl -o json`).
+pub fn event_json(ev: &pb::Event) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "kind": ev.kind, "chain_id": ev.chain_id, "seq": ev.seq, "ts_unix_nanos": ev.ts_unix_nanos,
+        "session_id": ev.session_id, "target": ev.target, "identity": ev.identity, "summary": ev.summary,
+    });
+    if let Some(x) = &ev.exchange {
+        v["exchange"] = serde_json::json!({
+            "phase": x.phase, "stream_id": x.stream_id, "exchange_index": x.exchange_index,
+            "message_index": x.message_index, "protocol": x.protocol, "method": x.method,
+            "authority": x.authority, "path": x.path, "query": x.query, "status": x.status,
+            "duration_ms": x.duration_ms, "grpc_service": x.grpc_service,
+            "grpc_method": x.grpc_method, "grpc_status": x.grpc_status,
+            "request_bytes": x.request_bytes, "response_bytes": x.response_bytes, "note": x.note,
+        });
+    }
+    v
 }

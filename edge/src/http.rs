@@ -33,6 +33,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/tokens"),
     ("POST", "/v1/tokens/revoke"),
     ("GET", "/v1/events"),
+    ("GET", "/v1/events/ws"),
     ("GET", "/healthz"),
     ("GET", "/metrics"),
 ];
@@ -49,6 +50,7 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .route("/v1/tokens", post(issue))
         .route("/v1/tokens/revoke", post(revoke))
         .route("/v1/events", get(events))
+        .route("/v1/events/ws", get(events_ws))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -349,10 +351,7 @@ async fn events(
     let rx = s.watch(&caller(&headers), filter).await?;
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         let ev = rx.recv().await?;
-        let json = serde_json::json!({
-            "kind": ev.kind, "chain_id": ev.chain_id, "seq": ev.seq, "ts_unix_nanos": ev.ts_unix_nanos,
-            "session_id": ev.session_id, "target": ev.target, "identity": ev.identity, "summary": ev.summary,
-        });
+        let json = crate::grpc::event_json(&ev);
         Some((
             Ok::<_, Infallible>(
                 SseEvent::default()
@@ -365,6 +364,69 @@ async fn events(
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct WsQuery {
+    #[serde(flatten)]
+    filter: EventsQuery,
+    /// Browsers cannot send an Authorization header with a WebSocket.
+    #[serde(default)]
+    access_token: String,
+}
+
+/// Live events over a WebSocket: one text message (an event as JSON) per event.
+async fn events_ws(
+    State(s): State<Arc<EdgeState>>,
+    mut headers: HeaderMap,
+    Query(q): Query<WsQuery>,
+    ws: axum::extract::ws::WebSocketUpgrade,
+) -> Result<Response, ApiFailure> {
+    use axum::extract::ws::{Message, Utf8Bytes};
+    if !q.access_token.is_empty() && !headers.contains_key("authorization") {
+        let v = format!("Bearer {}", q.access_token)
+            .parse()
+            .map_err(|_| Refusal::new("bad_token", "access_token is not a valid token"))?;
+        headers.insert("authorization", v);
+    }
+    let filter = pb::WatchEventsRequest {
+        session_id: q.filter.session,
+        target: q.filter.target,
+        kinds: q
+            .filter
+            .kind
+            .split(',')
+            .filter(|k| !k.is_empty())
+            .map(String::from)
+            .collect(),
+    };
+    // Authenticated and subscribed before the upgrade: a refusal is an HTTP answer.
+    let mut rx = s.watch(&caller(&headers), filter).await?;
+    Ok(ws.on_upgrade(move |mut socket| async move {
+        let mut ping = tokio::time::interval(std::time::Duration::from_secs(15));
+        ping.tick().await;
+        loop {
+            tokio::select! {
+                ev = rx.recv() => {
+                    let Some(ev) = ev else { break };
+                    let text = Utf8Bytes::from(crate::grpc::event_json(&ev).to_string());
+                    if socket.send(Message::Text(text)).await.is_err() {
+                        return;
+                    }
+                }
+                _ = ping.tick() => {
+                    if socket.send(Message::Ping(Default::default())).await.is_err() {
+                        return;
+                    }
+                }
+                incoming = socket.recv() => match incoming {
+                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                    Some(Ok(_)) => {}
+                },
+            }
+        }
+        let _ = socket.send(Message::Close(None)).await;
+    }))
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -374,9 +374,9 @@ const KEPT: [&str; 5] = [
     "user=form-user",
 ];
 
-/// Drives traffic seeded with the secrets through an edge on `log`, in HTTP/1 headers,
-/// JSON fields, free text, a gzip body, a form, the query and path, and split across two
-/// TCP writes.
+/// Drives traffic seeded with the secrets through an edge on `log`, in HTTP/1 and
+/// HTTP/2 headers, JSON fields, free text, a gzip body, a form, the query and path, and
+/// split across two TCP writes.
 async fn seeded_traffic(log: Arc<dyn EventLog>) -> uuid::Uuid {
     let upstream = api_upstream().await;
     let edge = TestEdge::start_with_log(
@@ -418,7 +418,7 @@ async fn seeded_traffic(log: Arc<dyn EventLog>) -> uuid::Uuid {
     let mut s = tunnel.open_stream("client").await.unwrap();
     let mut writes: Vec<Vec<u8>> = vec![
         format!(
-            "POST /login?access_token={s12}&email={} HTTP/1.1\r\nHost: api.internal\r\nAuthorization: Bearer {s01}\r\nCookie: session={s02}\r\nX-Api-Key: {s03}\r\nX-Kind: public-kind-header\r\nX-Forwarded-Auth: Bearer {s17}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{json}",
+            "POST /login?access_token={s12}&email={} HTTP/1.1\r\nHost: api.internal\r\nAuthorization: Bearer {s01}\r\nX-Kind: public-kind-header\r\nX-Forwarded-Auth: Bearer {s17}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{json}",
             s13,
             json.len()
         )
@@ -458,6 +458,20 @@ async fn seeded_traffic(log: Arc<dyn EventLog>) -> uuid::Uuid {
     let resp = String::from_utf8_lossy(&resp);
     assert_eq!(resp.matches("HTTP/1.1 200 OK").count(), 5, "{resp}");
     drop(s);
+    // And over HTTP/2: secrets in HPACK-encoded headers.
+    let mut h2 = h2_client(&tunnel).await;
+    let req = http::Request::builder()
+        .method("GET")
+        .uri("http://api.internal/users/2")
+        .header("cookie", format!("session={s02}"))
+        .header("x-api-key", s03)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    h2.ready().await.unwrap();
+    let resp = h2.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.into_body().collect().await.unwrap();
+    drop(h2);
     drop(tunnel);
     edge.stop().await;
     session
@@ -476,7 +490,12 @@ fn assert_no_secret(where_: &str, records: &[Record], session: uuid::Uuid) {
         }
     }
     let xs = exchanges(records, session);
-    assert_eq!(xs.len(), 5, "{where_}: five exchanges");
+    assert_eq!(
+        xs.len(),
+        6,
+        "{where_}: five HTTP/1 exchanges and one HTTP/2"
+    );
+    assert_eq!(xs.iter().filter(|x| x.protocol == "HTTP/2").count(), 1);
     let all: String = xs
         .iter()
         .map(|x| format!("{x:?}{}{}", text(&x.request_body), text(&x.response_body)))
@@ -861,4 +880,81 @@ async fn tonic_grpc_unary_and_streaming_calls_are_recorded() {
         "{:?}",
         watch.last().unwrap().note
     );
+}
+
+/// Reads one WebSocket frame from the server (unmasked): (opcode, payload).
+async fn ws_frame(s: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
+    let mut h = [0u8; 2];
+    s.read_exact(&mut h).await.unwrap();
+    let len = match h[1] & 0x7f {
+        126 => {
+            let mut l = [0u8; 2];
+            s.read_exact(&mut l).await.unwrap();
+            u64::from(u16::from_be_bytes(l))
+        }
+        127 => {
+            let mut l = [0u8; 8];
+            s.read_exact(&mut l).await.unwrap();
+            u64::from_be_bytes(l)
+        }
+        n => u64::from(n),
+    };
+    let mut payload = vec![0u8; len as usize];
+    s.read_exact(&mut payload).await.unwrap();
+    (h[0] & 0x0f, payload)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exchanges_stream_live_over_a_websocket_on_the_http_port() {
+    let upstream = api_upstream().await;
+    let edge = TestEdge::start(config(&[("api", upstream)])).await;
+    let token = edge.login(&edge.admin_tls()).await.token;
+    let addr = edge.http.trim_start_matches("http://").to_owned();
+    let upgrade = |query: String| {
+        format!(
+            "GET /v1/events/ws?{query} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+    };
+    async fn head(s: &mut tokio::net::TcpStream) -> String {
+        let mut got = Vec::new();
+        while !got.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).await.unwrap();
+            got.push(b[0]);
+        }
+        String::from_utf8(got).unwrap()
+    }
+    // Without a token: refused before any upgrade.
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(upgrade("kind=http_exchange".into()).as_bytes())
+        .await
+        .unwrap();
+    assert!(head(&mut s).await.starts_with("HTTP/1.1 401"));
+
+    let mut ws = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    ws.write_all(upgrade(format!("kind=http_exchange&access_token={token}")).as_bytes())
+        .await
+        .unwrap();
+    let h = head(&mut ws).await;
+    assert!(h.starts_with("HTTP/1.1 101"), "{h}");
+
+    let (tunnel, open, _) = edge.tunnel(&edge.admin_tls(), "api").await;
+    let mut s = tunnel.open_stream("client").await.unwrap();
+    s.write_all(b"GET /users/5?password=ws-secret HTTP/1.1\r\nHost: api.internal\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).await.unwrap();
+    let (opcode, payload) = tokio::time::timeout(Duration::from_secs(10), ws_frame(&mut ws))
+        .await
+        .expect("an event within 10 s");
+    assert_eq!(opcode, 1, "a text message");
+    let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(v["kind"], "http_exchange");
+    assert_eq!(v["session_id"], open.session_id);
+    assert_eq!(v["exchange"]["path"], "/users/5");
+    assert_eq!(v["exchange"]["query"], "password=[REDACTED]");
+    assert_eq!(v["exchange"]["status"], 200);
+    drop(tunnel);
+    edge.stop().await;
 }

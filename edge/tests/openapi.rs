@@ -357,6 +357,11 @@ async fn the_live_api_answers_as_documented() {
     )
     .unwrap();
     exercised.insert(("GET".into(), "/v1/events".into()));
+    // The WebSocket form answers a plain GET with 400, as documented; its upgrade is
+    // exercised in tests/http.rs.
+    let r = request(&base, "GET", "/v1/events/ws", Some(&token), None);
+    assert_eq!(r.status, 400);
+    exercised.insert(("GET".into(), "/v1/events/ws".into()));
 
     assert_eq!(
         exercised,
