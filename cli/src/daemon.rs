@@ -127,6 +127,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
                 tls: None,
                 protocol: Default::default(),
                 capture: None,
+                http_rules: Vec::new(),
                 on_log_backpressure: Default::default(),
             });
         }

@@ -308,6 +308,31 @@ pub struct TargetConfig {
     /// streams, `full` for opaque ones (DESIGN: "Capture levels and redaction").
     #[serde(default)]
     pub capture: Option<CaptureLevel>,
+    /// Method and path rules checked inline on every HTTP/1.x request head before it is
+    /// forwarded; the first match decides, and with any rule present no match denies.
+    /// Streams that are not HTTP/1.x are refused on such a route.
+    #[serde(default)]
+    pub http_rules: Vec<HttpRule>,
+}
+
+/// One method/path rule: `{ action = "allow", methods = ["GET"], paths = ["/api/**"] }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpRule {
+    pub action: RuleAction,
+    /// Methods it applies to (any when empty).
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Path globs it applies to (any when empty): `*` within a segment, `**` across.
+    #[serde(default)]
+    pub paths: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleAction {
+    Allow,
+    Deny,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -426,6 +451,32 @@ impl EdgeConfig {
                 )));
             }
         }
+        for t in &self.targets {
+            for (i, r) in t.http_rules.iter().enumerate() {
+                if let Some(m) = r
+                    .methods
+                    .iter()
+                    .find(|m| m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()))
+                {
+                    return Err(ConfigError(format!(
+                        "target {:?}: http_rules[{i}]: {m:?} is not an HTTP method",
+                        t.name
+                    )));
+                }
+                if let Some(p) = r.paths.iter().find(|p| !p.starts_with('/') && *p != "**") {
+                    return Err(ConfigError(format!(
+                        "target {:?}: http_rules[{i}]: path {p:?} must start with '/' (or be \"**\")",
+                        t.name
+                    )));
+                }
+            }
+            if !t.http_rules.is_empty() && t.protocol == Protocol::Tcp {
+                return Err(ConfigError(format!(
+                    "target {:?}: http_rules need an HTTP route; protocol is \"tcp\"",
+                    t.name
+                )));
+            }
+        }
         crate::mirror::redact::Redactor::new(&self.redaction)
             .map_err(|e| ConfigError(format!("[redaction]: {e}")))?;
         if self.capture.mirror_queue == 0 {
@@ -488,6 +539,7 @@ pub fn parse_target_flag(s: &str) -> Result<TargetConfig, ConfigError> {
         tls: None,
         protocol: Default::default(),
         capture: None,
+        http_rules: Vec::new(),
         on_log_backpressure: Backpressure::default(),
     })
 }

@@ -11,6 +11,7 @@
 //! chain. Nothing here can alter or stall the forwarded bytes beyond that wait: a parse
 //! failure stops the parser, turns off the stream's payload capture, and is recorded.
 
+pub mod gate;
 pub mod http1;
 pub mod http2;
 pub mod redact;

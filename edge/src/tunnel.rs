@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use cloudtap_proto::tunnel::v1::{
     StreamHeader, StreamReply, TunnelHello, TunnelHelloReply, TunnelNotice, tunnel_hello,
 };
@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::EdgeState;
 use crate::config::{Backpressure, TargetConfig};
 use crate::control::Refusal;
+use crate::mirror::gate::{Denied, Gate, Verdict};
 use crate::mirror::{Kind, Mirror, StreamCapture};
 use crate::mux::{self, MuxStream};
 use crate::session::Session;
@@ -587,8 +588,17 @@ where
     UR: AsyncRead + Unpin,
     UW: AsyncWrite + Unpin,
 {
-    let up = pump(ctx, Direction::Up, client_r, up_w);
-    let down = pump(ctx, Direction::Down, up_r, client_w);
+    // Method and path rules: the client's bytes go through the gate; a denial reaches
+    // the other direction's forwarder, which answers the client.
+    let (gate, deny) = match ctx.state.cfg.target(&ctx.session.target) {
+        Some(t) if !t.http_rules.is_empty() => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            (Some((Gate::new(t.http_rules.clone()), tx)), Some(rx))
+        }
+        _ => (None, None),
+    };
+    let up = pump(ctx, Direction::Up, client_r, up_w, Gating::Up(gate));
+    let down = pump(ctx, Direction::Down, up_r, client_w, Gating::Down(deny));
     let ((up_n, up_err), (down_n, down_err)) = tokio::join!(up, down);
     let error = [up_err, down_err]
         .into_iter()
@@ -598,23 +608,26 @@ where
     (up_n, down_n, error)
 }
 
+/// A forwarder's part in the inline method/path rules.
+enum Gating {
+    /// Client → upstream: the gate, and where to send a denial.
+    Up(Option<(Gate, tokio::sync::oneshot::Sender<Denied>)>),
+    /// Upstream → client: where a denial arrives, to answer the client with 403.
+    Down(Option<tokio::sync::oneshot::Receiver<Denied>>),
+}
+
 async fn pump<R, W>(
     ctx: &StreamCtx<'_>,
     dir: Direction,
     mut r: R,
     mut w: W,
+    mut gating: Gating,
 ) -> (u64, Option<String>)
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let (state, session, stream_id, activity, end) = (
-        ctx.state,
-        ctx.session,
-        ctx.stream_id,
-        &ctx.activity,
-        &ctx.end,
-    );
+    let (state, session, activity, end) = (ctx.state, ctx.session, &ctx.activity, &ctx.end);
     let idle = state.cfg.limits.idle_timeout();
     let mut offset = 0u64;
     // Start small so an idle stream holds little memory; grow towards CHUNK while
@@ -641,6 +654,25 @@ where
                 let _ = w.shutdown().await;
                 return (offset, Some("the session ended".into()));
             }
+            denied = async {
+                match &mut gating {
+                    Gating::Down(Some(rx)) => rx.await,
+                    _ => std::future::pending().await,
+                }
+            } => {
+                match denied {
+                    Ok(d) => {
+                        let _ = w.write_all(&forbidden(&d)).await;
+                        let _ = w.shutdown().await;
+                        return (offset, Some(format!("request refused: {}", d.reason)));
+                    }
+                    // The client side ended without a denial.
+                    Err(_) => {
+                        gating = Gating::Down(None);
+                        continue;
+                    }
+                }
+            }
         };
         let n = match read {
             Ok(0) => {
@@ -662,6 +694,67 @@ where
         *activity.lock().expect("activity lock") = Instant::now();
         let chunk = buf.split_to(n).freeze();
         let kind = ctx.capture.decide(dir, &chunk).map(|d| d.0);
+        let mut denied = None;
+        let chunk = match &mut gating {
+            Gating::Up(Some((gate, _))) => match kind {
+                Some(Kind::Http1) => match gate.admit(&chunk) {
+                    Verdict::Forward(b) => b,
+                    Verdict::Deny(b, d) => {
+                        denied = Some(d);
+                        b
+                    }
+                },
+                _ => {
+                    denied = Some(Denied {
+                        method: String::new(),
+                        path: String::new(),
+                        reason: "this route has http_rules, which need HTTP/1.x; this stream is not HTTP/1.x".into(),
+                    });
+                    Bytes::new()
+                }
+            },
+            _ => chunk,
+        };
+        if !chunk.is_empty()
+            && let Err(e) = forward(ctx, dir, kind, &chunk, offset, &mut w).await
+        {
+            return (offset, Some(e));
+        }
+        offset += chunk.len() as u64;
+        if let Some(d) = denied {
+            state.http_denied(session, &d).await;
+            let _ = w.shutdown().await;
+            let reason = format!("request refused: {}", d.reason);
+            if let Gating::Up(Some((_, tx))) = gating {
+                let _ = tx.send(d);
+            }
+            return (offset, Some(reason));
+        }
+    }
+}
+
+/// The 403 a denied request gets.
+fn forbidden(d: &Denied) -> Vec<u8> {
+    let body = serde_json::json!({"code": "http_rule_denied", "error": d.reason}).to_string();
+    format!(
+        "HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Records one chunk, hands it to the mirror and writes it on.
+async fn forward<W: AsyncWrite + Unpin>(
+    ctx: &StreamCtx<'_>,
+    dir: Direction,
+    kind: Option<Kind>,
+    chunk: &Bytes,
+    offset: u64,
+    w: &mut W,
+) -> Result<(), String> {
+    let (state, session, stream_id, end) = (ctx.state, ctx.session, ctx.stream_id, &ctx.end);
+    let n = chunk.len();
+    {
         let frame = Body::Frame(Frame {
             stream_id,
             direction: dir,
@@ -676,31 +769,28 @@ where
         {
             // Without a log we cannot keep the capture promise: stop forwarding.
             session.request_close(CloseReason::EdgeShutdown, e.to_string());
-            return (offset, Some(e.to_string()));
+            return Err(e.to_string());
         }
-        if kind != Some(Kind::Opaque)
-            && let Some(m) = ctx.mirror
-        {
-            m.feed(dir, &chunk).await;
-        }
-        // A peer that stops reading must not hold the stream past the session's end.
-        let written = tokio::select! {
-            r = w.write_all(&chunk) => r,
-            _ = end.cancelled() => return (offset, Some("the session ended".into())),
-        };
-        if let Err(e) = written {
-            return (
-                offset,
-                Some(format!("{} write failed: {e}", side(dir, false))),
-            );
-        }
-        offset += n as u64;
-        match dir {
-            Direction::Up => session.add_bytes(n as u64, 0),
-            Direction::Down => session.add_bytes(0, n as u64),
-        }
-        state.metrics.add_bytes(dir, n as u64);
     }
+    if kind != Some(Kind::Opaque)
+        && let Some(m) = ctx.mirror
+    {
+        m.feed(dir, chunk).await;
+    }
+    // A peer that stops reading must not hold the stream past the session's end.
+    let written = tokio::select! {
+        r = w.write_all(chunk) => r,
+        _ = end.cancelled() => return Err("the session ended".into()),
+    };
+    if let Err(e) = written {
+        return Err(format!("{} write failed: {e}", side(dir, false)));
+    }
+    match dir {
+        Direction::Up => session.add_bytes(n as u64, 0),
+        Direction::Down => session.add_bytes(0, n as u64),
+    }
+    state.metrics.add_bytes(dir, n as u64);
+    Ok(())
 }
 
 fn side(dir: Direction, reading: bool) -> &'static str {
@@ -711,6 +801,26 @@ fn side(dir: Direction, reading: bool) -> &'static str {
 }
 
 impl EdgeState {
+    /// Records a request the route's http_rules refused, on the session's chain.
+    async fn http_denied(&self, session: &Session, d: &Denied) {
+        self.metrics.refusals.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(session_id = %session.id, target = %session.target, "http request refused: {}", d.reason);
+        let body = Body::PolicyDecision(cloudtap_schemas::PolicyDecision {
+            identity: session.identity.clone(),
+            target: session.target.clone(),
+            action: "http_request".into(),
+            allowed: false,
+            code: "http_rule_denied".into(),
+            reason: d.reason.clone(),
+            token_id: session.user_token_id.clone(),
+            client_cert_sha256: session.cert_fingerprint.clone().unwrap_or_default(),
+        });
+        let _ = self
+            .tap
+            .record(session.id, body, Backpressure::Block, &session.gaps)
+            .await;
+    }
+
     /// Writes the session's closing record and forgets it. Idempotent per session.
     pub(crate) async fn finish_session(
         &self,

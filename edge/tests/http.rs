@@ -958,3 +958,84 @@ async fn exchanges_stream_live_over_a_websocket_on_the_http_port() {
     drop(tunnel);
     edge.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn method_and_path_rules_refuse_requests_inline_with_403_and_a_record() {
+    use cloudtap_edge::config::{HttpRule, RuleAction};
+    let upstream = api_upstream().await;
+    let mut cfg = config(&[("api", upstream)]);
+    cfg.targets[0].http_rules = vec![
+        HttpRule {
+            action: RuleAction::Deny,
+            methods: vec![],
+            paths: vec!["/admin/**".into()],
+        },
+        HttpRule {
+            action: RuleAction::Allow,
+            methods: vec!["GET".into()],
+            paths: vec!["/**".into()],
+        },
+    ];
+    let edge = TestEdge::start(cfg).await;
+    let (tunnel, open, _) = edge.tunnel(&edge.admin_tls(), "api").await;
+    let session: uuid::Uuid = open.session_id.parse().unwrap();
+    let mut answers = Vec::new();
+    for second in [
+        "DELETE /users/1 HTTP/1.1\r\nHost: a\r\n\r\n",
+        "GET /users/../%61dmin/keys HTTP/1.1\r\nHost: a\r\n\r\n",
+    ] {
+        let mut s = tunnel.open_stream("client").await.unwrap();
+        // An allowed request first, on the same keep-alive stream, then the refused one.
+        s.write_all(b"GET /users/1 HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        while !got.ends_with(br#""role":"admin"}"#) {
+            let mut b = [0u8; 1024];
+            let n = s.read(&mut b).await.unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&b[..n]);
+        }
+        s.write_all(second.as_bytes()).await.unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+            .await
+            .expect("the stream ends after a refusal")
+            .unwrap();
+        answers.push(String::from_utf8(rest).unwrap());
+    }
+    assert!(
+        answers[0].starts_with("HTTP/1.1 403 Forbidden"),
+        "{}",
+        answers[0]
+    );
+    assert!(
+        answers[0].contains("DELETE /users/1 matches no allow rule"),
+        "{}",
+        answers[0]
+    );
+    assert!(
+        answers[1].contains("GET /admin/keys is denied by http_rules[0]"),
+        "{}",
+        answers[1]
+    );
+    drop(tunnel);
+    let (_dir, log) = edge.stop().await;
+    let records = all_records(log.as_ref()).await;
+    let refusals: Vec<String> = records
+        .iter()
+        .filter(|r| r.chain_id == session)
+        .filter_map(|r| match &r.body {
+            Body::PolicyDecision(p) if p.code == "http_rule_denied" && !p.allowed => {
+                Some(p.reason.clone())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(refusals.len(), 2, "{refusals:?}");
+    // The refused requests never reached the upstream: only the allowed ones are
+    // exchanges.
+    let xs = exchanges(&records, session);
+    assert_eq!(xs.len(), 2, "{xs:#?}");
+    assert!(xs.iter().all(|x| x.method == "GET" && x.path == "/users/1"));
+}

@@ -139,7 +139,7 @@ pub enum Event {
 }
 
 #[derive(Debug, Clone, Copy)]
-enum Chunk {
+pub(crate) enum Chunk {
     Size,
     Data(u64),
     DataEnd,
@@ -147,7 +147,7 @@ enum Chunk {
 }
 
 #[derive(Debug, Clone, Copy)]
-enum BodyLen {
+pub(crate) enum BodyLen {
     Fixed(u64),
     Chunked(Chunk),
     UntilClose,
@@ -206,7 +206,7 @@ fn headers_of(h: &[httparse::Header<'_>]) -> Vec<(String, Vec<u8>)> {
 }
 
 /// The body framing a head declares (RFC 9112 §6.3), or why it is unusable.
-fn framing(head: &RawHead) -> Result<Option<BodyLen>, String> {
+pub(crate) fn framing(head: &RawHead) -> Result<Option<BodyLen>, String> {
     if head.header_has_token("transfer-encoding", "chunked") {
         return Ok(Some(BodyLen::Chunked(Chunk::Size)));
     }
@@ -555,35 +555,46 @@ fn event_end(buf: &[u8]) -> Option<(usize, usize)> {
 
 /// Consumes body bytes from `buf` under `len`, handing the body's bytes (de-chunked) to
 /// `sink`. Returns the framing state to continue with and whether the body ended.
-fn body_step(
+pub(crate) fn body_step(
     len: BodyLen,
     buf: &mut BytesMut,
-    mut sink: impl FnMut(&[u8]),
+    sink: impl FnMut(&[u8]),
 ) -> Result<(BodyLen, bool), String> {
+    let (next, done, used) = body_scan(len, buf, sink)?;
+    buf.advance(used);
+    Ok((next, done))
+}
+
+/// [`body_step`] over a slice: also returns how many bytes of `buf` it consumed.
+pub(crate) fn body_scan(
+    len: BodyLen,
+    buf: &[u8],
+    mut sink: impl FnMut(&[u8]),
+) -> Result<(BodyLen, bool, usize), String> {
+    let mut b = buf;
+    let used = |b: &[u8]| buf.len() - b.len();
     match len {
         BodyLen::UntilClose => {
-            sink(buf);
-            buf.clear();
-            Ok((len, false))
+            sink(b);
+            Ok((len, false, buf.len()))
         }
         BodyLen::Fixed(left) => {
-            let take = (left.min(buf.len() as u64)) as usize;
-            sink(&buf[..take]);
-            buf.advance(take);
+            let take = (left.min(b.len() as u64)) as usize;
+            sink(&b[..take]);
             let left = left - take as u64;
-            Ok((BodyLen::Fixed(left), left == 0))
+            Ok((BodyLen::Fixed(left), left == 0, take))
         }
         BodyLen::Chunked(mut state) => loop {
             match state {
                 Chunk::Size => {
-                    let Some(nl) = buf.iter().position(|b| *b == b'\n') else {
-                        if buf.len() > MAX_LINE {
+                    let Some(nl) = b.iter().position(|c| *c == b'\n') else {
+                        if b.len() > MAX_LINE {
                             return Err("chunk-size line too long".into());
                         }
-                        return Ok((BodyLen::Chunked(state), false));
+                        return Ok((BodyLen::Chunked(state), false, used(b)));
                     };
-                    let line = String::from_utf8_lossy(&buf[..nl]).into_owned();
-                    buf.advance(nl + 1);
+                    let line = String::from_utf8_lossy(&b[..nl]).into_owned();
+                    b = &b[nl + 1..];
                     let hex = line
                         .trim_end_matches('\r')
                         .split(';')
@@ -599,12 +610,12 @@ fn body_step(
                     };
                 }
                 Chunk::Data(left) => {
-                    if buf.is_empty() {
-                        return Ok((BodyLen::Chunked(state), false));
+                    if b.is_empty() {
+                        return Ok((BodyLen::Chunked(state), false, used(b)));
                     }
-                    let take = (left.min(buf.len() as u64)) as usize;
-                    sink(&buf[..take]);
-                    buf.advance(take);
+                    let take = (left.min(b.len() as u64)) as usize;
+                    sink(&b[..take]);
+                    b = &b[take..];
                     let left = left - take as u64;
                     state = if left == 0 {
                         Chunk::DataEnd
@@ -613,28 +624,28 @@ fn body_step(
                     };
                 }
                 Chunk::DataEnd => {
-                    if buf.starts_with(b"\r\n") {
-                        buf.advance(2);
-                    } else if buf.starts_with(b"\n") {
-                        buf.advance(1);
-                    } else if buf.is_empty() || buf[..] == b"\r"[..] {
-                        return Ok((BodyLen::Chunked(state), false));
+                    if b.starts_with(b"\r\n") {
+                        b = &b[2..];
+                    } else if b.starts_with(b"\n") {
+                        b = &b[1..];
+                    } else if b.is_empty() || b == b"\r" {
+                        return Ok((BodyLen::Chunked(state), false, used(b)));
                     } else {
                         return Err("chunk data not followed by CRLF".into());
                     }
                     state = Chunk::Size;
                 }
                 Chunk::Trailer => {
-                    let Some(nl) = buf.iter().position(|b| *b == b'\n') else {
-                        if buf.len() > MAX_LINE {
+                    let Some(nl) = b.iter().position(|c| *c == b'\n') else {
+                        if b.len() > MAX_LINE {
                             return Err("trailer line too long".into());
                         }
-                        return Ok((BodyLen::Chunked(state), false));
+                        return Ok((BodyLen::Chunked(state), false, used(b)));
                     };
-                    let empty = buf[..nl].iter().all(|b| *b == b'\r');
-                    buf.advance(nl + 1);
+                    let empty = b[..nl].iter().all(|c| *c == b'\r');
+                    b = &b[nl + 1..];
                     if empty {
-                        return Ok((BodyLen::Fixed(0), true));
+                        return Ok((BodyLen::Fixed(0), true, used(b)));
                     }
                 }
             }

@@ -39,6 +39,7 @@ pub fn config(targets: &[(&str, String)]) -> EdgeConfig {
             tls: None,
             protocol: Default::default(),
             capture: None,
+            http_rules: Vec::new(),
             on_log_backpressure: Default::default(),
         });
     }
