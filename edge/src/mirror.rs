@@ -161,6 +161,7 @@ impl std::fmt::Debug for Mirror {
 pub struct Shaper {
     pub redactor: Arc<Redactor>,
     pub max_body: usize,
+    pub metrics: Arc<crate::metrics::HttpMetrics>,
 }
 
 impl Mirror {
@@ -172,12 +173,14 @@ impl Mirror {
         stream_id: u64,
         settings: &CaptureSettings,
         redactor: Arc<Redactor>,
+        metrics: Arc<crate::metrics::HttpMetrics>,
     ) -> Mirror {
         let (tx, rx) = mpsc::channel(settings.mirror_queue);
         let lost = Arc::new(AtomicBool::new(false));
         let shaper = Shaper {
             redactor,
             max_body: settings.max_body_bytes,
+            metrics,
         };
         let mode = session.backpressure;
         let task = tokio::spawn(run(
@@ -377,6 +380,7 @@ async fn emit(
             return;
         }
     };
+    shaper.metrics.observe(&session.target, &record);
     let _ = tap
         .record(
             session.id,

@@ -414,6 +414,7 @@ async fn handle_stream(
             stream_id,
             &state.cfg.capture,
             state.redactor.clone(),
+            state.metrics.http.clone(),
         )
     });
     let ctx = StreamCtx {

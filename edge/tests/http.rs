@@ -140,6 +140,29 @@ async fn a_keep_alive_http1_client_leaves_one_record_per_exchange() {
         resp.into_body().collect().await.unwrap();
     }
     assert_eq!(statuses, [200, 200, 200, 200, 404]);
+    // Per-target metrics count the same exchanges (the mirror runs beside the data
+    // path, so give it a moment).
+    let want = [
+        r#"cloudtap_http_requests_total{target="api",method="GET",code="2xx"} 3"#,
+        r#"cloudtap_http_requests_total{target="api",method="GET",code="4xx"} 1"#,
+        r#"cloudtap_http_requests_total{target="api",method="POST",code="2xx"} 1"#,
+        r#"cloudtap_http_request_duration_seconds_count{target="api"} 5"#,
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let m = http_get(&edge.http, "/metrics");
+        if want.iter().all(|w| m.contains(w)) || std::time::Instant::now() > deadline {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for w in want {
+        assert!(metrics.contains(w), "{w} missing from:\n{metrics}");
+    }
+    assert!(
+        metrics.contains(r#"cloudtap_http_body_bytes_total{target="api",direction="request"} 39"#),
+        "{metrics}"
+    );
     drop(sender);
     drop(tunnel);
     let (_dir, log) = edge.stop().await;
