@@ -12,7 +12,9 @@
 //! - bulk upload throughput, with the data dir on tmpfs and on disk (and the disk's
 //!   sustained write rate from `dd … conv=fdatasync` beside it);
 //! - round-trip latency of a 64-byte request/response, p50 and p99;
-//! - RSS of cloudtapd and cloudtapctl per idle stream, with N streams open.
+//! - RSS of cloudtapd and cloudtapctl per idle stream, with N streams open;
+//! - HTTP through routes at each capture level (`full`, `exchanges`, `metadata`): one
+//!   large POST's throughput and a small GET's round trip on a keep-alive connection.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -110,6 +112,126 @@ fn servers() -> (String, String, String) {
     addrs
 }
 
+/// An HTTP/1.1 server (keep-alive): `POST /upload` reads the body and answers `ok`;
+/// anything else gets a 64-byte body.
+fn http_server() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || serve_http(s));
+        }
+    });
+    addr
+}
+
+fn serve_http(s: TcpStream) {
+    let _ = s.set_nodelay(true);
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::with_capacity(256 * 1024, s);
+    let mut line = String::new();
+    loop {
+        let mut len = 0u64;
+        let mut upload = false;
+        loop {
+            line.clear();
+            if r.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if l.starts_with("POST /upload") {
+                upload = true;
+            }
+            if let Some(v) = l.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut left = len;
+        let mut buf = vec![0u8; 256 * 1024];
+        while left > 0 {
+            let n = r
+                .read(&mut buf[..left.min(256 * 1024) as usize])
+                .unwrap_or(0);
+            if n == 0 {
+                return;
+            }
+            left -= n as u64;
+        }
+        let body: &[u8] = if upload {
+            b"ok"
+        } else {
+            b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+        };
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        if w.write_all(&[head.as_bytes(), body].concat()).is_err() {
+            return;
+        }
+    }
+}
+
+/// One `POST /upload` of `bytes` in 64 KiB writes on a fresh connection; MB/s.
+fn http_upload(addr: &str, bytes: u64) -> f64 {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let chunk = vec![b'a'; 64 * 1024];
+    let start = Instant::now();
+    write!(
+        s,
+        "POST /upload HTTP/1.1\r\nhost: bench\r\ncontent-type: text/plain\r\ncontent-length: {bytes}\r\n\r\n"
+    )
+    .unwrap();
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = chunk.len().min((bytes - sent) as usize);
+        s.write_all(&chunk[..n]).unwrap();
+        sent += n as u64;
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while !got.ends_with(b"\r\n\r\nok") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "the server closed before answering");
+        got.extend_from_slice(&buf[..n]);
+    }
+    bytes as f64 / start.elapsed().as_secs_f64() / 1e6
+}
+
+/// `GET /small` round trips on one keep-alive connection; (p50, p99) in µs.
+fn http_latency(addr: &str, n: usize) -> (f64, f64) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    let req = b"GET /small HTTP/1.1\r\nhost: bench\r\n\r\n";
+    let mut buf = [0u8; 4096];
+    let mut one = || {
+        s.write_all(req).unwrap();
+        let mut got = 0;
+        // The response is 64 bytes of body after a fixed-size head.
+        loop {
+            got += s.read(&mut buf[got..]).unwrap();
+            if buf[..got].ends_with(b"abcdef") {
+                break;
+            }
+        }
+    };
+    for _ in 0..n / 10 {
+        one();
+    }
+    let mut samples: Vec<f64> = (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            one();
+            t.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (samples[n / 2], samples[n * 99 / 100])
+}
+
 /// Uploads `bytes` in 64 KiB writes, waits for the sink's acknowledgement; MB/s.
 fn upload(addr: &str, bytes: u64) -> f64 {
     let mut s = TcpStream::connect(addr).unwrap();
@@ -167,19 +289,32 @@ impl Drop for Stack {
     }
 }
 
-/// Starts cloudtapd (edge) with the three targets and one `cloudtapctl proxy` each.
-fn stack(a: &Args, data: &Path, targets: &(String, String, String)) -> Stack {
+/// The routes of the benchmark edge, in the order of `Stack::proxies`.
+const ROUTES: [&str; 6] = [
+    "sink",
+    "echo",
+    "idle",
+    "http-full",
+    "http-exchanges",
+    "http-metadata",
+];
+
+/// Starts cloudtapd (edge) with the targets and one `cloudtapctl proxy` each.
+fn stack(a: &Args, data: &Path, targets: &(String, String, String), http: &str) -> Stack {
     let _ = std::fs::remove_dir_all(data);
     std::fs::create_dir_all(data).unwrap();
     let cfg = data.join("bench.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[[targets]]\nname = \"sink\"\nupstream = \"{}\"\n[[targets]]\nname = \"echo\"\nupstream = \"{}\"\n[[targets]]\nname = \"idle\"\nupstream = \"{}\"\n[policy]\nadmins = [\"dev-admin\"]\n",
-            targets.0, targets.1, targets.2
-        ),
-    )
-    .unwrap();
+    let mut toml = format!(
+        "[[targets]]\nname = \"sink\"\nupstream = \"{}\"\n[[targets]]\nname = \"echo\"\nupstream = \"{}\"\n[[targets]]\nname = \"idle\"\nupstream = \"{}\"\n",
+        targets.0, targets.1, targets.2
+    );
+    for level in ["full", "exchanges", "metadata"] {
+        toml.push_str(&format!(
+            "[[targets]]\nname = \"http-{level}\"\nupstream = \"{http}\"\ncapture = \"{level}\"\n"
+        ));
+    }
+    toml.push_str("[policy]\nadmins = [\"dev-admin\"]\n");
+    std::fs::write(&cfg, toml).unwrap();
     let mut edge = Command::new(&a.cloudtapd)
         .args([
             "edge",
@@ -209,7 +344,7 @@ fn stack(a: &Args, data: &Path, targets: &(String, String, String)) -> Stack {
         edge,
         proxies: Vec::new(),
     };
-    for t in ["sink", "echo", "idle"] {
+    for t in ROUTES {
         let mut p = Command::new(&a.cloudtapctl)
             .args(["-o", "json", "proxy", t])
             .env("CLOUDTAP_DATA_DIR", data)
@@ -262,6 +397,7 @@ fn dd_rate(dir: &Path) -> f64 {
 fn main() {
     let a = parse_args();
     let targets = servers();
+    let http = http_server();
     let mb = a.bytes as f64 / 1e6;
     println!(
         "cloudtap tunnel benchmark ({} cores)",
@@ -272,7 +408,7 @@ fn main() {
     println!("bulk upload, {mb:.0} MB in 64 KiB writes (MB/s)");
     let direct = upload(&targets.0, a.bytes);
     println!("  direct (TCP loopback)            {direct:>9.1}");
-    let tmp = stack(&a, &a.tmpfs.join("cloudtap-bench"), &targets);
+    let tmp = stack(&a, &a.tmpfs.join("cloudtap-bench"), &targets, &http);
     let via_tmpfs = upload(&tmp.proxies[0].1, a.bytes);
     println!(
         "  tunnel, log on tmpfs             {via_tmpfs:>9.1}   {:.3}× direct   (target ≥ 0.35×)",
@@ -320,12 +456,40 @@ fn main() {
         per(c0, c1)
     );
     drop(held);
+
+    println!();
+    let http_bytes = a.bytes / 4;
+    println!(
+        "HTTP/1.1 by capture level, log on tmpfs: one POST of {:.0} MB (MB/s); GET round trip, {} samples (µs)",
+        http_bytes as f64 / 1e6,
+        a.round_trips
+    );
+    let direct_up = http_upload(&http, http_bytes);
+    let (h50, h99) = http_latency(&http, a.round_trips);
+    println!(
+        "  direct                  {direct_up:>9.1} MB/s               p50 {h50:>7.1}   p99 {h99:>7.1}"
+    );
+    for (i, level) in ["full", "exchanges", "metadata"].iter().enumerate() {
+        let addr = &tmp.proxies[3 + i].1;
+        let up = http_upload(addr, http_bytes);
+        let (p50, p99) = http_latency(addr, a.round_trips);
+        let goal = if *level == "metadata" {
+            "   (target ≥ 0.45× direct)"
+        } else {
+            ""
+        };
+        println!(
+            "  capture = {level:<10}    {up:>9.1} MB/s  {:.3}× direct   p50 {p50:>7.1}   p99 {p99:>7.1}   added p50 {:>6.1}{goal}",
+            up / direct_up,
+            p50 - h50
+        );
+    }
     drop(tmp);
 
     println!();
     println!("bulk upload with the log on disk ({})", a.disk.display());
     let dd = dd_rate(&a.disk);
-    let disk = stack(&a, &a.disk.join("cloudtap-bench"), &targets);
+    let disk = stack(&a, &a.disk.join("cloudtap-bench"), &targets, &http);
     let via_disk = upload(&disk.proxies[0].1, a.bytes);
     println!("  disk sustained write (dd fdatasync)  {dd:>9.1} MB/s");
     println!(
