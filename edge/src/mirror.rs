@@ -53,9 +53,6 @@ pub struct StreamCapture {
     payload_off: AtomicBool,
 }
 
-const HTTP_METHODS: [&str; 9] = [
-    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
-];
 const H2_PREFACE: &[u8] = http2::PREFACE;
 
 /// Whether bytes start with an HTTP/2 SETTINGS frame on stream 0 (a server's preface).
@@ -66,12 +63,22 @@ fn h2_settings(b: &[u8]) -> bool {
     }
 }
 
-/// Whether a client's first bytes look like an HTTP/1.x request (or the start of one).
+/// Whether a client's first bytes look like an HTTP/1.x request (or the start of one):
+/// optional blank lines, then a method — any token of uppercase letters, so WebDAV's
+/// `PROPFIND` counts — and a space. Misjudging HTTP as opaque would store it at `full`,
+/// so anything that starts like a request line is HTTP.
 fn looks_like_http1(b: &[u8]) -> bool {
-    HTTP_METHODS.iter().any(|m| {
-        let with_space = [m.as_bytes(), b" "].concat();
-        b.starts_with(&with_space) || (b.len() < with_space.len() && with_space.starts_with(b))
-    }) && !b.is_empty()
+    let mut i = 0;
+    while i < b.len() && (b[i] == b'\r' || b[i] == b'\n') {
+        i += 1;
+    }
+    let method = b[i..].iter().take_while(|c| c.is_ascii_uppercase()).count();
+    match b.get(i + method) {
+        Some(b' ') => (1..=20).contains(&method),
+        // The chunk ends inside the method: decide on what there is.
+        None => method > 0 && method <= 20,
+        Some(_) => false,
+    }
 }
 
 impl StreamCapture {
@@ -102,8 +109,10 @@ impl StreamCapture {
                 Protocol::Http1 => Kind::Http1,
                 Protocol::Http2 => Kind::Http2,
                 Protocol::Auto if dir == Direction::Down => Kind::Opaque,
+                // At least "PRI " (a shorter chunk could as well be "PUT"/"POST").
                 Protocol::Auto
-                    if first.starts_with(H2_PREFACE) || H2_PREFACE.starts_with(first) =>
+                    if first.len() >= 4
+                        && (first.starts_with(H2_PREFACE) || H2_PREFACE.starts_with(first)) =>
                 {
                     Kind::Http2
                 }
@@ -253,7 +262,10 @@ async fn run(
         }
         // The forwarders decide before they hand a chunk over; the mirror only reads.
         let Some((kind, level)) = capture.decided() else {
-            early.push(chunk);
+            // Bounded: a server that keeps talking before the client is not h2c.
+            if early.len() < 64 {
+                early.push(chunk);
+            }
             continue;
         };
         if kind == Kind::Opaque {
@@ -362,9 +374,9 @@ async fn emit(
             dir,
             grpc,
             message,
-            data,
+            body,
             ts,
-        } => shaper.message(stream_id, level, (index, message), dir, grpc, &data, ts),
+        } => shaper.message(stream_id, level, (index, message), dir, grpc, &body, ts),
         Event::Upgraded => return,
         Event::Stopped(reason) => {
             capture.payload_off.store(true, Ordering::Release);
@@ -399,7 +411,9 @@ fn split_target(method: &str, target: &str) -> (Option<String>, String, String) 
     let (authority, rest) = match target.split_once("://") {
         Some((_, after)) => {
             let end = after.find(['/', '?']).unwrap_or(after.len());
-            (Some(after[..end].to_owned()), &after[end..])
+            // Never keep `user:password@` from an absolute target.
+            let host = after[..end].rsplit('@').next().unwrap_or("");
+            (Some(host.to_owned()), &after[end..])
         }
         None => (None, target),
     };
@@ -441,6 +455,7 @@ impl Shaper {
     ) -> HttpExchange {
         let req = &x.request;
         let (abs_authority, path, query) = split_target(&req.method, &req.target);
+        let path = self.redactor.path(&path);
         let authority = req
             .header("host")
             .map(lossy)
@@ -486,7 +501,7 @@ impl Shaper {
             protocol: req.version.into(),
             method: req.method.clone(),
             authority: self.redactor.text(&authority).into_owned(),
-            path: self.redactor.path(&path),
+            path,
             query: self.redactor.form(&query),
             status: resp.map_or(0, |r| u32::from(r.status)),
             grpc_service,
@@ -505,7 +520,7 @@ impl Shaper {
                 .unwrap_or_default(),
             capture: level.as_str().into(),
             redaction_version: self.redactor.version,
-            note: x.note.clone(),
+            note: self.redactor.text(&x.note).into_owned(),
         }
     }
 
@@ -519,11 +534,9 @@ impl Shaper {
         (index, message): (u64, u64),
         dir: Direction,
         grpc: bool,
-        data: &[u8],
+        raw: &RawBody,
         ts: i64,
     ) -> HttpExchange {
-        let mut raw = RawBody::new(self.max_body);
-        raw.push(data);
         let body = if grpc {
             BodyCapture {
                 size: raw.size,
@@ -536,7 +549,7 @@ impl Shaper {
                 ..BodyCapture::default()
             }
         } else {
-            let mut b = self.body(level, None, &raw, false);
+            let mut b = self.event(level, raw);
             if level != CaptureLevel::Metadata && b.content.is_none() && b.note.is_empty() {
                 b.note = "event is not text; not stored".into();
             }
@@ -560,6 +573,46 @@ impl Shaper {
             redaction_version: self.redactor.version,
             ..HttpExchange::default()
         }
+    }
+
+    /// One server-sent event: its `data:` lines are redacted as JSON when they parse as
+    /// JSON, as text otherwise; other fields (`event:`, `id:`) as text.
+    fn event(&self, level: CaptureLevel, raw: &RawBody) -> BodyCapture {
+        let mut out = BodyCapture {
+            size: raw.size,
+            sha256: raw.sha256(),
+            ..BodyCapture::default()
+        };
+        if level == CaptureLevel::Metadata {
+            return out;
+        }
+        let Ok(text) = std::str::from_utf8(&raw.kept) else {
+            out.note = "event is not UTF-8 text; not stored".into();
+            return out;
+        };
+        if raw.cut() {
+            out.note = format!("event larger than {} bytes; not stored", self.max_body);
+            return out;
+        }
+        let lines: Vec<String> = text
+            .lines()
+            .map(|line| match line.split_once(':') {
+                Some(("data", value)) => {
+                    let v = value.strip_prefix(' ').unwrap_or(value);
+                    let red = match serde_json::from_str::<serde_json::Value>(v) {
+                        Ok(mut json) if v.trim_start().starts_with(['{', '[']) => {
+                            self.redactor.json(&mut json);
+                            json.to_string()
+                        }
+                        _ => self.redactor.text(v).into_owned(),
+                    };
+                    format!("data: {red}")
+                }
+                _ => self.redactor.text(line).into_owned(),
+            })
+            .collect();
+        out.content = Some(lines.join("\n").into_bytes());
+        out
     }
 
     /// A body as recorded: size and hash always; content only at `exchanges` or
@@ -607,9 +660,19 @@ impl Shaper {
             out.note = GRPC_NOT_STORED.into();
             return out;
         }
-        if content_type.starts_with("application/octet-stream") || content_type.contains("protobuf")
-        {
-            out.note = format!("{content_type} bodies are not inspected; not stored");
+        // Only what redaction understands is stored: JSON, forms, plain text and HTML
+        // (and bodies without a content type, sniffed below). XML, protobuf
+        // (`application/proto`, `…+proto`), binary and anything else keep size and hash.
+        let inspectable = content_type.is_empty()
+            || content_type.contains("json")
+            || content_type.starts_with("application/x-www-form-urlencoded")
+            || content_type.starts_with("text/plain")
+            || content_type.starts_with("text/html")
+            || content_type.starts_with("text/event-stream")
+            || content_type.starts_with("text/csv");
+        if !inspectable {
+            let shown: String = content_type.chars().take(64).collect();
+            out.note = format!("{shown} bodies are not inspected; not stored");
             return out;
         }
         let text = match std::str::from_utf8(&decoded) {

@@ -594,7 +594,13 @@ where
     let (gate, deny) = match ctx.state.cfg.target(&ctx.session.target) {
         Some(t) if !t.http_rules.is_empty() => {
             let (tx, rx) = tokio::sync::oneshot::channel();
-            (Some((Gate::new(t.http_rules.clone()), tx)), Some(rx))
+            (
+                Some((
+                    Gate::new(t.http_rules.clone(), ctx.state.redactor.clone()),
+                    tx,
+                )),
+                Some(rx),
+            )
         }
         _ => (None, None),
     };
@@ -776,7 +782,11 @@ async fn forward<W: AsyncWrite + Unpin>(
     if kind != Some(Kind::Opaque)
         && let Some(m) = ctx.mirror
     {
-        m.feed(dir, chunk).await;
+        // A `block` route waits for a full mirror queue, but never past the session.
+        tokio::select! {
+            _ = m.feed(dir, chunk) => {}
+            _ = end.cancelled() => return Err("the session ended".into()),
+        }
     }
     // A peer that stops reading must not hold the stream past the session's end.
     let written = tokio::select! {

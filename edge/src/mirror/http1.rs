@@ -19,6 +19,10 @@ pub const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
 /// Longest chunk-size or trailer line.
 const MAX_LINE: usize = 8 * 1024;
+/// Largest server-sent event buffered.
+const MAX_EVENT: usize = 1024 * 1024;
+/// Most requests waiting for their responses (pipelining).
+const MAX_PENDING: usize = 1024;
 
 /// A body as it went by: its size and hash, and its first `cap` bytes.
 #[derive(Debug, Clone)]
@@ -126,7 +130,8 @@ pub enum Event {
         /// A gRPC message (protobuf, never stored) rather than an event (text).
         grpc: bool,
         message: u64,
-        data: Vec<u8>,
+        /// The message: size and hash, and (events) its first bytes.
+        body: RawBody,
         ts: i64,
     },
     /// The end of the server-sent event stream started as exchange `index`.
@@ -344,6 +349,11 @@ impl Http1 {
                         }
                         b => b,
                     };
+                    if self.slots.len() >= MAX_PENDING {
+                        return Err(format!(
+                            "more than {MAX_PENDING} requests waiting for responses"
+                        ));
+                    }
                     let index = self.next_index;
                     self.next_index += 1;
                     self.slots.push_back(Slot {
@@ -490,13 +500,22 @@ impl Http1 {
                             }
                         }
                     })?;
+                    if slot
+                        .sse
+                        .as_ref()
+                        .is_some_and(|(buf, _)| buf.len() > MAX_EVENT)
+                    {
+                        return Err(format!("server-sent event larger than {MAX_EVENT} bytes"));
+                    }
                     for (message, data) in messages {
+                        let mut body = RawBody::new(self.max_body);
+                        body.push(&data);
                         out.push(Event::StreamMessage {
                             index,
                             dir: Direction::Down,
                             grpc: false,
                             message,
-                            data,
+                            body,
                             ts,
                         });
                     }
@@ -593,6 +612,10 @@ pub(crate) fn body_scan(
                         }
                         return Ok((BodyLen::Chunked(state), false, used(b)));
                     };
+                    // CRLF only: a server that accepts a bare LF frames differently.
+                    if nl == 0 || b[nl - 1] != b'\r' {
+                        return Err("chunk-size line not ended by CRLF".into());
+                    }
                     let line = String::from_utf8_lossy(&b[..nl]).into_owned();
                     b = &b[nl + 1..];
                     let hex = line
@@ -601,8 +624,16 @@ pub(crate) fn body_scan(
                         .next()
                         .unwrap_or("")
                         .trim();
+                    // Hex digits only ("+a" parses, and must not); the line's content
+                    // stays out of the message (it may be body bytes).
+                    if hex.is_empty()
+                        || hex.len() > 15
+                        || !hex.bytes().all(|c| c.is_ascii_hexdigit())
+                    {
+                        return Err("invalid chunk size line".into());
+                    }
                     let size = u64::from_str_radix(hex, 16)
-                        .map_err(|_| format!("invalid chunk size {hex:?}"))?;
+                        .map_err(|_| "invalid chunk size line".to_owned())?;
                     state = if size == 0 {
                         Chunk::Trailer
                     } else {
@@ -626,8 +657,6 @@ pub(crate) fn body_scan(
                 Chunk::DataEnd => {
                     if b.starts_with(b"\r\n") {
                         b = &b[2..];
-                    } else if b.starts_with(b"\n") {
-                        b = &b[1..];
                     } else if b.is_empty() || b == b"\r" {
                         return Ok((BodyLen::Chunked(state), false, used(b)));
                     } else {
@@ -642,10 +671,24 @@ pub(crate) fn body_scan(
                         }
                         return Ok((BodyLen::Chunked(state), false, used(b)));
                     };
-                    let empty = b[..nl].iter().all(|c| *c == b'\r');
+                    let line = &b[..nl];
+                    if line.last() != Some(&b'\r') {
+                        return Err("trailer line not ended by CRLF".into());
+                    }
+                    let line = &line[..line.len() - 1];
                     b = &b[nl + 1..];
-                    if empty {
+                    if line.is_empty() {
                         return Ok((BodyLen::Fixed(0), true, used(b)));
+                    }
+                    // A trailer is a header field: `name: value`, name a token.
+                    let name_ok = line.iter().position(|c| *c == b':').is_some_and(|colon| {
+                        colon > 0
+                            && line[..colon].iter().all(|c| {
+                                c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(c)
+                            })
+                    });
+                    if !name_ok {
+                        return Err("malformed trailer line".into());
                     }
                 }
             }
@@ -757,7 +800,9 @@ mod tests {
             .iter()
             .map(|e| match e {
                 Event::StreamStart(_) => "start".into(),
-                Event::StreamMessage { data, .. } => String::from_utf8_lossy(data).into_owned(),
+                Event::StreamMessage { body, .. } => {
+                    String::from_utf8_lossy(&body.kept).into_owned()
+                }
                 Event::StreamEnd(_) => "end".into(),
                 other => format!("{other:?}"),
             })

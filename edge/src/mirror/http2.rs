@@ -26,9 +26,11 @@ const MAX_FRAME: usize = (1 << 24) - 1;
 /// Largest header block (HEADERS + CONTINUATION) accepted.
 const MAX_HEADER_BLOCK: usize = 256 * 1024;
 /// Largest HPACK dynamic table the decoders allow.
-const MAX_TABLE: usize = 1 << 20;
-/// Largest gRPC message whose bytes are reassembled for a `message` record.
-const MAX_GRPC_MESSAGE: usize = 4 * 1024 * 1024;
+const MAX_TABLE: usize = 64 * 1024;
+/// Largest decoded header list (name + value + 32 per field, as RFC 9113 counts it).
+const MAX_HEADER_LIST: usize = 256 * 1024;
+/// Most HTTP/2 streams followed at once.
+const MAX_STREAMS: usize = 1024;
 
 const DATA: u8 = 0;
 const HEADERS: u8 = 1;
@@ -40,36 +42,51 @@ const END_HEADERS: u8 = 0x4;
 const PADDED: u8 = 0x8;
 const PRIORITY: u8 = 0x20;
 
-/// Length-prefixed gRPC messages of one direction.
+/// Length-prefixed gRPC messages of one direction. Messages are protobuf, never
+/// stored: only their sizes and hashes are kept, so nothing is buffered but a 5-byte
+/// prefix.
 #[derive(Default)]
 struct GrpcFramer {
-    buf: Vec<u8>,
+    prefix: Vec<u8>,
+    /// The message being read and the bytes it still lacks.
+    current: Option<(RawBody, u64)>,
     /// Messages seen so far.
     count: u64,
     /// Messages not yet emitted (held while the call may still be unary).
-    held: Vec<(Vec<u8>, i64)>,
+    held: Vec<(RawBody, i64)>,
 }
 
 impl GrpcFramer {
     /// Takes DATA bytes; returns the messages completed by them.
-    fn push(&mut self, b: &[u8], ts: i64) -> Result<Vec<(Vec<u8>, i64)>, String> {
-        self.buf.extend_from_slice(b);
+    fn push(&mut self, mut b: &[u8], ts: i64) -> Vec<(RawBody, i64)> {
         let mut out = Vec::new();
-        while self.buf.len() >= 5 {
-            let len = u32::from_be_bytes(self.buf[1..5].try_into().expect("4 bytes")) as usize;
-            if len > MAX_GRPC_MESSAGE {
-                return Err(format!(
-                    "gRPC message of {len} bytes is larger than {MAX_GRPC_MESSAGE}"
-                ));
+        while !b.is_empty() {
+            match &mut self.current {
+                None => {
+                    let take = (5 - self.prefix.len()).min(b.len());
+                    self.prefix.extend_from_slice(&b[..take]);
+                    b = &b[take..];
+                    if self.prefix.len() == 5 {
+                        let len =
+                            u32::from_be_bytes(self.prefix[1..5].try_into().expect("4 bytes"));
+                        self.prefix.clear();
+                        self.current = Some((RawBody::new(0), u64::from(len)));
+                    }
+                }
+                Some((body, left)) => {
+                    let take = (*left).min(b.len() as u64) as usize;
+                    body.push(&b[..take]);
+                    b = &b[take..];
+                    *left -= take as u64;
+                }
             }
-            if self.buf.len() < 5 + len {
-                break;
+            if let Some((_, 0)) = &self.current {
+                let (body, _) = self.current.take().expect("checked");
+                self.count += 1;
+                out.push((body, ts));
             }
-            let msg: Vec<u8> = self.buf.drain(..5 + len).skip(5).collect();
-            self.count += 1;
-            out.push((msg, ts));
         }
-        Ok(out)
+        out
     }
 }
 
@@ -239,6 +256,9 @@ impl Http2 {
                 self.data(dir, stream, data, flags & END_STREAM != 0, ts, out)?;
             }
             HEADERS => {
+                if payload.len() > MAX_HEADER_BLOCK {
+                    return Err(format!("header block larger than {MAX_HEADER_BLOCK} bytes"));
+                }
                 let mut block = unpad(flags, payload)?;
                 if flags & PRIORITY != 0 {
                     block = block
@@ -265,6 +285,9 @@ impl Http2 {
             PUSH_PROMISE => {
                 // Its header block must go through the decoder to keep HPACK in step;
                 // pushed responses themselves are not recorded.
+                if payload.len() > MAX_HEADER_BLOCK {
+                    return Err(format!("header block larger than {MAX_HEADER_BLOCK} bytes"));
+                }
                 let block = unpad(flags, payload)?;
                 let block = block.get(4..).ok_or("PUSH_PROMISE frame too short")?;
                 if flags & END_HEADERS == 0 {
@@ -293,15 +316,26 @@ impl Http2 {
     }
 
     fn decode(&mut self, dir: Direction, block: &[u8]) -> Result<Vec<(String, Vec<u8>)>, String> {
+        // A small block can reference one large table entry many times: count what it
+        // decodes to, and copy nothing beyond the limit.
         let mut fields = Vec::new();
+        let mut size = 0usize;
         self.decoders[side(dir)]
             .decode_with_cb(block, |name, value| {
-                fields.push((
-                    String::from_utf8_lossy(&name).to_ascii_lowercase(),
-                    value.into_owned(),
-                ));
+                size = size.saturating_add(name.len() + value.len() + 32);
+                if size <= MAX_HEADER_LIST {
+                    fields.push((
+                        String::from_utf8_lossy(&name).to_ascii_lowercase(),
+                        value.into_owned(),
+                    ));
+                }
             })
             .map_err(|e| format!("HPACK: {e:?}"))?;
+        if size > MAX_HEADER_LIST {
+            return Err(format!(
+                "decoded header list larger than {MAX_HEADER_LIST} bytes"
+            ));
+        }
         Ok(fields)
     }
 
@@ -330,6 +364,9 @@ impl Http2 {
         match dir {
             Direction::Up => match self.streams.get_mut(&stream) {
                 None => {
+                    if self.streams.len() >= MAX_STREAMS {
+                        return Err(format!("more than {MAX_STREAMS} concurrent streams"));
+                    }
                     let mut headers = regular;
                     if let Some(a) = pseudo(":authority") {
                         headers.insert(0, ("host".into(), a.into_bytes()));
@@ -426,7 +463,7 @@ impl Http2 {
             }
         }
         if st.grpc {
-            let done = st.framers[s].push(data, ts)?;
+            let done = st.framers[s].push(data, ts);
             st.framers[s].held.extend(done);
             let total = st.framers[0].count + st.framers[1].count;
             let either_many = st.framers[0].count > 1 || st.framers[1].count > 1;
@@ -436,13 +473,13 @@ impl Http2 {
             }
             if st.streaming {
                 for (i, d) in [Direction::Up, Direction::Down].into_iter().enumerate() {
-                    for (msg, ts) in st.framers[i].held.drain(..) {
+                    for (body, ts) in st.framers[i].held.drain(..) {
                         out.push(Event::StreamMessage {
                             index: st.ex.index,
                             dir: d,
                             grpc: true,
                             message: st.emitted,
-                            data: msg,
+                            body,
                             ts,
                         });
                         st.emitted += 1;
@@ -616,8 +653,9 @@ mod tests {
             .iter()
             .map(|e| match e {
                 Event::StreamStart(_) => "start".into(),
-                Event::StreamMessage { dir, data, .. } => {
-                    format!("{}:{}", dir.as_str(), String::from_utf8_lossy(data))
+                // gRPC messages keep only size and hash.
+                Event::StreamMessage { dir, body, .. } => {
+                    format!("{}:{}", dir.as_str(), body.size)
                 }
                 Event::StreamEnd(x) => format!("end {:?}", x.trailers),
                 other => format!("{other:?}"),
@@ -627,9 +665,9 @@ mod tests {
             kinds,
             [
                 "start",
-                "up:req",
-                "down:one",
-                "down:two",
+                "up:3",
+                "down:3",
+                "down:3",
                 "end [(\"grpc-status\", [48])]"
             ]
         );

@@ -42,17 +42,20 @@ const BUILTIN_HEADERS: [&str; 12] = [
     "x-goog-api-key",
 ];
 
-/// Built-in field names, normalized (lowercase, no `-` / `_`); a key matches when
-/// its normalized form ends with one of these.
-const BUILTIN_FIELD_SUFFIXES: [&str; 8] = [
+/// Built-in field names, normalized (lowercase, no `-`, `_`, `.`, `[`, `]`); a key
+/// matches when its normalized form contains one of these (`password_confirmation`,
+/// `SecretAccessKey`, `user[password]`).
+const BUILTIN_FIELD_SUFFIXES: [&str; 10] = [
     "password",
     "passwd",
     "secret",
     "token",
     "apikey",
     "privatekey",
+    "accesskey",
     "sessionid",
-    "credentials",
+    "credential",
+    "signature",
 ];
 /// Built-in field names that match only whole.
 const BUILTIN_FIELDS: [&str; 8] = [
@@ -116,6 +119,8 @@ pub struct Redactor {
     patterns: Vec<Pattern>,
     /// `"key": value` pairs in JSON text that does not parse.
     json_pair: Regex,
+    /// `"key": {` or `"key": [` in such text.
+    json_nested: Regex,
 }
 
 impl std::fmt::Debug for Redactor {
@@ -130,7 +135,7 @@ impl std::fmt::Debug for Redactor {
 
 fn normalize(name: &str) -> String {
     name.chars()
-        .filter(|c| *c != '-' && *c != '_')
+        .filter(|c| !matches!(c, '-' | '_' | '.' | '[' | ']' | ' '))
         .flat_map(char::to_lowercase)
         .collect()
 }
@@ -231,6 +236,8 @@ impl Redactor {
             fields,
             paths,
             patterns,
+            json_nested: Regex::new(r#""((?:[^"\\]|\\.){1,128})"\s*:\s*[\[{]"#)
+                .expect("the nested pattern compiles"),
             json_pair: Regex::new(
                 r#""((?:[^"\\]|\\.){1,128})"\s*:\s*("(?:[^"\\]|\\.)*"?|[^,}\]\s]+)"#,
             )
@@ -238,15 +245,16 @@ impl Redactor {
         })
     }
 
-    /// Whether a header's whole value is removed.
+    /// Whether a header's whole value is removed: a listed header name, or a name the
+    /// field rules call secret (`private-token`, `x-session-token`, …).
     pub fn header_is_secret(&self, name: &str) -> bool {
-        self.headers.iter().any(|h| h.eq_ignore_ascii_case(name))
+        self.headers.iter().any(|h| h.eq_ignore_ascii_case(name)) || self.field_is_secret(name)
     }
 
     /// Whether a JSON / form / query field's value is removed.
     pub fn field_is_secret(&self, name: &str) -> bool {
         let n = normalize(name);
-        self.fields.contains(&n) || self.field_suffixes.iter().any(|s| n.ends_with(s.as_str()))
+        self.fields.contains(&n) || self.field_suffixes.iter().any(|s| n.contains(s.as_str()))
     }
 
     /// Removes pattern matches from free text.
@@ -336,6 +344,13 @@ impl Redactor {
                     *s = r;
                 }
             }
+            // A card number sent as a JSON number.
+            Value::Number(n) => {
+                let t = n.to_string();
+                if let Cow::Owned(_) = self.text(&t) {
+                    *v = Value::String(REDACTED.into());
+                }
+            }
             _ => {}
         }
     }
@@ -345,6 +360,15 @@ impl Redactor {
     /// paths are configured, which cannot be checked on such text.
     pub fn json_text(&self, s: &str) -> Option<String> {
         if !self.paths.is_empty() {
+            return None;
+        }
+        // A secret field whose value is an object or array cannot be cut out of text
+        // reliably: then the body is not stored.
+        if self
+            .json_nested
+            .captures_iter(s)
+            .any(|c| self.field_is_secret(&c[1]))
+        {
             return None;
         }
         let pairs = self.json_pair.replace_all(s, |c: &regex::Captures| {
@@ -481,6 +505,27 @@ mod tests {
         );
         assert_eq!(r.path("/users/a%40example.com/x"), "/users/[REDACTED]/x");
         assert_eq!(r.path("/plain/path"), "/plain/path");
+    }
+
+    #[test]
+    fn numbers_nested_values_and_secret_sounding_names() {
+        let r = Redactor::new(&RedactionConfig::default()).unwrap();
+        let mut v: Value = serde_json::from_str(
+            r#"{"card":4111111111111111,"count":12,"password_confirmation":"p","SecretAccessKey":"s"}"#,
+        )
+        .unwrap();
+        r.json(&mut v);
+        assert_eq!(v["card"], REDACTED);
+        assert_eq!(v["count"], 12);
+        assert_eq!(v["password_confirmation"], REDACTED);
+        assert_eq!(v["SecretAccessKey"], REDACTED);
+        assert!(r.json_text(r#"{"tokens": ["a", "b"], "x"#).is_none());
+        assert_eq!(
+            r.form("user[password]=p&a=1"),
+            "user[password]=[REDACTED]&a=1"
+        );
+        assert!(r.header_is_secret("PRIVATE-TOKEN"));
+        assert!(!r.header_is_secret("content-type"));
     }
 
     #[test]
