@@ -5,8 +5,9 @@
 //! Four kinds of rule, each built in and extendable from `[redaction]`:
 //! - **header names**: the whole value goes;
 //! - **field names**, matched anywhere in JSON bodies, form bodies and query strings
-//!   (case-insensitive, `-` and `_` ignored; a built-in name also matches as a suffix,
-//!   so `x_access_token` goes like `token`);
+//!   (case-insensitive; `-`, `_`, `.`, `[`, `]` ignored; a built-in word also matches
+//!   inside a longer name, so `x_access_token` and `user[password]` go too), and header
+//!   names the same rules call secret;
 //! - **JSON paths** (`$.a.b`, `$.list[*].c`, `$.*.d`, `$.list[0]`);
 //! - **patterns** (regular expressions) over header values, paths, queries and text
 //!   bodies: card numbers (Luhn-checked), e-mail addresses, bearer and JWT tokens, AWS
