@@ -837,7 +837,13 @@ async fn follow_exchanges(
         first = false;
         loop {
             match stream.message().await {
-                Ok(Some(ev)) => print_exchange(ctx.output, &ev),
+                Ok(Some(ev)) => {
+                    // Nobody reads our stdout any more (a closed pipe): stop quietly
+                    // rather than fail the command (for `proxy`, the tunnel goes on).
+                    if print_exchange(ctx.output, &ev).is_err() {
+                        return Ok(());
+                    }
+                }
                 Ok(None) => break,
                 Err(s) if s.code() == tonic::Code::Unavailable => {
                     anyhow::bail!("the edge went away: {}", s.message())
@@ -848,12 +854,16 @@ async fn follow_exchanges(
     }
 }
 
-/// One exchange event: a JSON object per line, or a line of text.
-fn print_exchange(output: Output, ev: &pb::Event) {
-    let Some(x) = &ev.exchange else { return };
+/// One exchange event on stdout: a JSON object per line, or a line of text.
+fn print_exchange(output: Output, ev: &pb::Event) -> std::io::Result<()> {
+    use std::io::Write;
+    let Some(x) = &ev.exchange else {
+        return Ok(());
+    };
+    let mut out = std::io::stdout().lock();
     if output == Output::Json {
-        println!("{}", cloudtap_edge::grpc::event_json(ev));
-        return;
+        writeln!(out, "{}", cloudtap_edge::grpc::event_json(ev))?;
+        return out.flush();
     }
     let when = std::time::UNIX_EPOCH + Duration::from_nanos(ev.ts_unix_nanos.max(0) as u64);
     let when = humantime::format_rfc3339_millis(when);
@@ -892,10 +902,12 @@ fn print_exchange(output: Output, ev: &pb::Event) {
             format!("{status}{grpc}{latency}{tag}")
         }
     };
-    println!(
+    writeln!(
+        out,
         "{when} {:<16} {:<7} {}{}{}  {what}",
         ev.target, x.method, x.authority, x.path, query
-    );
+    )?;
+    out.flush()
 }
 
 async fn proxy(ctx: &Ctx, target: &str, local_addr: SocketAddr) -> CtlResult<()> {

@@ -406,17 +406,6 @@ async fn handle_stream(
     state.metrics.streams_total.fetch_add(1, Ordering::Relaxed);
 
     let capture = Arc::new(StreamCapture::new(&target));
-    let mirror = StreamCapture::may_be_http(&target).then(|| {
-        Mirror::start(
-            state.tap.clone(),
-            session.clone(),
-            capture.clone(),
-            stream_id,
-            &state.cfg.capture,
-            state.redactor.clone(),
-            state.metrics.http.clone(),
-        )
-    });
     let ctx = StreamCtx {
         state: &state,
         session: &session,
@@ -424,7 +413,8 @@ async fn handle_stream(
         activity: std::sync::Mutex::new(Instant::now()),
         end,
         capture: &capture,
-        mirror: mirror.as_ref(),
+        may_be_http: StreamCapture::may_be_http(&target),
+        mirror: std::sync::OnceLock::new(),
     };
     let (cr, cw) = tokio::io::split(stream);
     let result = match upstream.io {
@@ -439,7 +429,7 @@ async fn handle_stream(
     };
     let (up, down, error) = result;
     // The stream's exchange records go before its closing record.
-    if let Some(m) = mirror {
+    if let Some(m) = ctx.mirror.into_inner() {
         m.finish().await;
     }
     let closed = Body::StreamClosed(StreamClosed {
@@ -562,16 +552,38 @@ async fn dial(state: &EdgeState, target: &TargetConfig) -> Result<Dialed, String
 /// What both directions of one stream share.
 struct StreamCtx<'a> {
     state: &'a EdgeState,
-    session: &'a Session,
+    session: &'a Arc<Session>,
     stream_id: u64,
     /// Last time a byte moved either way (for the idle timeout).
     activity: std::sync::Mutex<Instant>,
     /// Cancelled when the session ends.
     end: CancellationToken,
     /// What the stream carries and what its frames keep.
-    capture: &'a StreamCapture,
-    /// The HTTP mirror, on routes that may carry HTTP.
-    mirror: Option<&'a Mirror>,
+    capture: &'a Arc<StreamCapture>,
+    /// Whether the route may carry HTTP (a mirror may be needed).
+    may_be_http: bool,
+    /// The HTTP mirror: started by the first chunk that is not opaque, so opaque
+    /// streams never pay for a task.
+    mirror: std::sync::OnceLock<Mirror>,
+}
+
+impl StreamCtx<'_> {
+    fn mirror(&self) -> Option<&Mirror> {
+        if !self.may_be_http {
+            return None;
+        }
+        Some(self.mirror.get_or_init(|| {
+            Mirror::start(
+                self.state.tap.clone(),
+                self.session.clone(),
+                self.capture.clone(),
+                self.stream_id,
+                &self.state.cfg.capture,
+                self.state.redactor.clone(),
+                self.state.metrics.http.clone(),
+            )
+        }))
+    }
 }
 
 /// Copies both directions until both have ended; returns bytes up, bytes down and
@@ -780,7 +792,7 @@ async fn forward<W: AsyncWrite + Unpin>(
         }
     }
     if kind != Some(Kind::Opaque)
-        && let Some(m) = ctx.mirror
+        && let Some(m) = ctx.mirror()
     {
         // A `block` route waits for a full mirror queue, but never past the session.
         tokio::select! {
