@@ -54,6 +54,43 @@ pub struct EdgeConfig {
     /// Rules that remove secrets from exchange records before they are logged.
     #[serde(default)]
     pub redaction: RedactionConfig,
+    /// OpenTelemetry export of exchanges as spans.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+}
+
+/// `[telemetry]`: OTLP export (off unless `otlp_endpoint` is set).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// OTLP/gRPC collector, e.g. `http://127.0.0.1:4317`.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the spans' resource. Default `cloudtap-edge`.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// Spans waiting for export; when full, new spans are dropped and counted.
+    /// Default 4096.
+    #[serde(default = "default_span_queue")]
+    pub queue: usize,
+}
+
+fn default_service_name() -> String {
+    "cloudtap-edge".into()
+}
+
+fn default_span_queue() -> usize {
+    4096
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            service_name: default_service_name(),
+            queue: default_span_queue(),
+        }
+    }
 }
 
 /// HTTP mirroring settings shared by every route.
@@ -479,6 +516,18 @@ impl EdgeConfig {
         }
         crate::mirror::redact::Redactor::new(&self.redaction)
             .map_err(|e| ConfigError(format!("[redaction]: {e}")))?;
+        if let Some(e) = &self.telemetry.otlp_endpoint
+            && !e.starts_with("http://")
+        {
+            return Err(ConfigError(format!(
+                "telemetry.otlp_endpoint {e:?}: only plaintext OTLP/gRPC (http://…) is in this build; run a collector or agent on the edge's host or network and point this at it"
+            )));
+        }
+        if self.telemetry.queue == 0 {
+            return Err(ConfigError(
+                "telemetry.queue must be greater than zero".into(),
+            ));
+        }
         if self.capture.mirror_queue == 0 {
             return Err(ConfigError(
                 "capture.mirror_queue must be greater than zero".into(),

@@ -35,6 +35,7 @@ pub mod http;
 mod metrics;
 pub mod mirror;
 pub mod mux;
+pub mod otlp;
 pub mod pki;
 pub mod policy;
 mod session;
@@ -89,6 +90,8 @@ pub struct EdgeState {
     upstream_tls: Mutex<HashMap<String, tokio_rustls::TlsConnector>>,
     /// The `[redaction]` rules, compiled once.
     pub(crate) redactor: Arc<mirror::redact::Redactor>,
+    /// OTLP span export, when `[telemetry] otlp_endpoint` is set.
+    pub(crate) otlp: Option<Arc<otlp::Otlp>>,
 }
 
 impl EdgeState {
@@ -177,6 +180,8 @@ pub enum EdgeError {
     Log(#[from] cloudtap_recorder::LogError),
     #[error("[redaction]: {0}")]
     Redaction(#[from] mirror::redact::RuleError),
+    #[error("[telemetry]: {0}")]
+    Telemetry(String),
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -199,6 +204,12 @@ pub async fn run(
     let tunnel_local = listeners.tunnel.local_addr()?;
     let cfg = params.config;
     let redactor = Arc::new(mirror::redact::Redactor::new(&cfg.redaction)?);
+    let otlp = match &cfg.telemetry.otlp_endpoint {
+        Some(e) => Some(Arc::new(
+            otlp::Otlp::start(&cfg.telemetry, e.clone()).map_err(EdgeError::Telemetry)?,
+        )),
+        None => None,
+    };
     let (tap, tap_task) = Tap::start(params.log.clone(), cfg.limits.tap_capacity);
     let edge_chain = Uuid::now_v7();
     let state = Arc::new_cyclic(|weak| EdgeState {
@@ -219,6 +230,7 @@ pub async fn run(
         weak: weak.clone(),
         upstream_tls: Mutex::default(),
         redactor,
+        otlp,
         cfg,
     });
     tap.open_chain(

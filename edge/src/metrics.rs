@@ -228,6 +228,14 @@ impl crate::EdgeState {
             &[("", u64::from(!t.failed.load(Ordering::Acquire)))],
         );
         m.http.render(&mut out);
+        if let Some(o) = &self.otlp {
+            let _ = writeln!(
+                out,
+                "# HELP cloudtap_otlp_spans_total Exchange spans by outcome: exported to the collector, or dropped (queue full, collector failing).\n# TYPE cloudtap_otlp_spans_total counter\ncloudtap_otlp_spans_total{{outcome=\"exported\"}} {}\ncloudtap_otlp_spans_total{{outcome=\"dropped\"}} {}",
+                o.exported.load(Ordering::Relaxed),
+                o.dropped.load(Ordering::Relaxed)
+            );
+        }
         out
     }
 }

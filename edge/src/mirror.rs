@@ -27,7 +27,7 @@ use cloudtap_schemas::{
     Audit, Body, BodyCapture, Direction, ExchangePhase, Header, HttpExchange, now_unix_nanos,
 };
 
-use crate::config::{Backpressure, CaptureLevel, CaptureSettings, Protocol, TargetConfig};
+use crate::config::{Backpressure, CaptureLevel, Protocol, TargetConfig};
 use crate::session::Session;
 use crate::tap::Tap;
 use http1::{Event, Http1, RawBody, RawExchange, RawHead};
@@ -171,26 +171,21 @@ pub struct Shaper {
     pub redactor: Arc<Redactor>,
     pub max_body: usize,
     pub metrics: Arc<crate::metrics::HttpMetrics>,
+    pub otlp: Option<Arc<crate::otlp::Otlp>>,
 }
 
 impl Mirror {
-    /// Starts the mirror task of one stream.
+    /// Starts the mirror task of one stream; `queue` is `capture.mirror_queue`.
     pub fn start(
         tap: Tap,
         session: Arc<Session>,
         capture: Arc<StreamCapture>,
         stream_id: u64,
-        settings: &CaptureSettings,
-        redactor: Arc<Redactor>,
-        metrics: Arc<crate::metrics::HttpMetrics>,
+        queue: usize,
+        shaper: Shaper,
     ) -> Mirror {
-        let (tx, rx) = mpsc::channel(settings.mirror_queue);
+        let (tx, rx) = mpsc::channel(queue);
         let lost = Arc::new(AtomicBool::new(false));
-        let shaper = Shaper {
-            redactor,
-            max_body: settings.max_body_bytes,
-            metrics,
-        };
         let mode = session.backpressure;
         let task = tokio::spawn(run(
             rx,
@@ -393,6 +388,17 @@ async fn emit(
         }
     };
     shaper.metrics.observe(&session.target, &record);
+    if let Some(o) = &shaper.otlp {
+        let session_id = session.id.to_string();
+        let cx = crate::otlp::SpanContext {
+            session_id: &session_id,
+            target: &session.target,
+            identity: &session.identity,
+        };
+        if let Some(span) = crate::otlp::span_of(&record, &cx) {
+            o.send(span);
+        }
+    }
     let _ = tap
         .record(
             session.id,

@@ -28,7 +28,7 @@ use crate::EdgeState;
 use crate::config::{Backpressure, TargetConfig};
 use crate::control::Refusal;
 use crate::mirror::gate::{Denied, Gate, Verdict};
-use crate::mirror::{Kind, Mirror, StreamCapture};
+use crate::mirror::{Kind, Mirror, Shaper, StreamCapture};
 use crate::mux::{self, MuxStream};
 use crate::session::Session;
 use crate::tap::ChainMeta;
@@ -578,9 +578,13 @@ impl StreamCtx<'_> {
                 self.session.clone(),
                 self.capture.clone(),
                 self.stream_id,
-                &self.state.cfg.capture,
-                self.state.redactor.clone(),
-                self.state.metrics.http.clone(),
+                self.state.cfg.capture.mirror_queue,
+                Shaper {
+                    redactor: self.state.redactor.clone(),
+                    max_body: self.state.cfg.capture.max_body_bytes,
+                    metrics: self.state.metrics.http.clone(),
+                    otlp: self.state.otlp.clone(),
+                },
             )
         }))
     }

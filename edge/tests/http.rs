@@ -405,14 +405,11 @@ const KEPT: [&str; 5] = [
 /// Drives traffic seeded with the secrets through an edge on `log`, in HTTP/1 and
 /// HTTP/2 headers, JSON fields, free text, a gzip body, a form, the query and path, and
 /// split across two TCP writes.
-async fn seeded_traffic(log: Arc<dyn EventLog>) -> uuid::Uuid {
+async fn seeded_traffic(log: Arc<dyn EventLog>, otlp: Option<String>) -> uuid::Uuid {
     let upstream = api_upstream().await;
-    let edge = TestEdge::start_with_log(
-        tempfile::tempdir().unwrap(),
-        config(&[("api", upstream)]),
-        log,
-    )
-    .await;
+    let mut cfg = config(&[("api", upstream)]);
+    cfg.telemetry.otlp_endpoint = otlp;
+    let edge = TestEdge::start_with_log(tempfile::tempdir().unwrap(), cfg, log).await;
     let (tunnel, open, _) = edge.tunnel(&edge.admin_tls(), "api").await;
     let session: uuid::Uuid = open.session_id.parse().unwrap();
     let [
@@ -562,7 +559,7 @@ async fn archived(log: Arc<dyn EventLog>) -> Vec<Record> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn seeded_secrets_are_in_no_segment_file_and_no_parquet_file() {
+async fn seeded_secrets_are_in_no_segment_file_no_parquet_file_and_no_otlp_span() {
     let dir = tempfile::tempdir().unwrap();
     let log: Arc<dyn EventLog> = Arc::new(
         cloudtap_recorder::FileLog::open(cloudtap_recorder::FileLogConfig::new(
@@ -571,7 +568,27 @@ async fn seeded_secrets_are_in_no_segment_file_and_no_parquet_file() {
         .await
         .unwrap(),
     );
-    let session = seeded_traffic(log.clone()).await;
+    let (endpoint, collector) = collector().await;
+    let session = seeded_traffic(log.clone(), Some(endpoint)).await;
+    // What the OTLP collector received: a span per exchange, no secret.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while spans(&collector).len() < 6 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(spans(&collector).len(), 6, "a span per exchange");
+    let wire: Vec<u8> = collector
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(prost::Message::encode_to_vec)
+        .collect();
+    for secret in SECRETS {
+        assert!(
+            !wire.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "secret {secret:?} reached the OTLP collector"
+        );
+    }
     // The segment files themselves, byte for byte.
     for entry in std::fs::read_dir(dir.path().join("log")).unwrap() {
         let bytes = std::fs::read(entry.unwrap().path()).unwrap();
@@ -601,7 +618,7 @@ async fn seeded_secrets_are_in_no_kafka_record() {
             .await
             .unwrap(),
     );
-    let session = seeded_traffic(log.clone()).await;
+    let session = seeded_traffic(log.clone(), None).await;
     assert_no_secret("kafka", &all_records(log.as_ref()).await, session);
 }
 
@@ -1068,4 +1085,156 @@ async fn method_and_path_rules_refuse_requests_inline_with_403_and_a_record() {
     let xs = exchanges(&records, session);
     assert_eq!(xs.len(), 2, "{xs:#?}");
     assert!(xs.iter().all(|x| x.method == "GET" && x.path == "/users/1"));
+}
+
+/// A test OTLP collector: every export request it received.
+#[derive(Default, Clone)]
+struct Collector(
+    Arc<
+        std::sync::Mutex<
+            Vec<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest>,
+        >,
+    >,
+);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for Collector
+{
+    async fn export(
+        &self,
+        req: tonic::Request<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        self.0.lock().unwrap().push(req.into_inner());
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+/// Starts a collector on 127.0.0.1; its endpoint URL.
+async fn collector() -> (String, Collector) {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+    let c = Collector::default();
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let svc = TraceServiceServer::new(c.clone());
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l))
+            .await
+            .unwrap();
+    });
+    (url, c)
+}
+
+fn spans(c: &Collector) -> Vec<opentelemetry_proto::tonic::trace::v1::Span> {
+    c.0.lock()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.resource_spans.iter())
+        .flat_map(|r| r.scope_spans.iter())
+        .flat_map(|s| s.spans.iter().cloned())
+        .collect()
+}
+
+fn attr(s: &opentelemetry_proto::tonic::trace::v1::Span, key: &str) -> Option<String> {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    s.attributes.iter().find(|a| a.key == key).and_then(|a| {
+        match a.value.as_ref()?.value.as_ref()? {
+            Value::StringValue(v) => Some(v.clone()),
+            Value::IntValue(v) => Some(v.to_string()),
+            _ => None,
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exchanges_become_otlp_spans_that_continue_the_callers_trace_and_hold_no_secret() {
+    let (endpoint, c) = collector().await;
+    let upstream = api_upstream().await;
+    let mut cfg = config(&[("api", upstream)]);
+    cfg.telemetry.otlp_endpoint = Some(endpoint);
+    let edge = TestEdge::start(cfg).await;
+    let (tunnel, open, _) = edge.tunnel(&edge.admin_tls(), "api").await;
+    let mut s = tunnel.open_stream("client").await.unwrap();
+    s.write_all(
+        b"GET /users/3?token=otlp-secret HTTP/1.1\r\nHost: api.internal:8443\r\ntraceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\nAuthorization: Bearer otlp-header-secret\r\n\r\n\
+          POST /login HTTP/1.1\r\nHost: api.internal\r\nContent-Type: application/json\r\nContent-Length: 27\r\nConnection: close\r\n\r\n{\"password\":\"otlp-pw-1234\"}",
+    )
+    .await
+    .unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).await.unwrap();
+    drop(tunnel);
+    // Spans leave in batches of up to a second.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while spans(&c).len() < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let got = spans(&c);
+    assert_eq!(got.len(), 2, "{got:#?}");
+    let get = got
+        .iter()
+        .find(|s| attr(s, "url.path").as_deref() == Some("/users/3"))
+        .unwrap();
+    assert_eq!(
+        hex::encode(&get.trace_id),
+        "0af7651916cd43dd8448eb211c80319c",
+        "the caller's trace continues"
+    );
+    assert_eq!(hex::encode(&get.parent_span_id), "b7ad6b7169203331");
+    assert_eq!(attr(get, "http.request.method").as_deref(), Some("GET"));
+    assert_eq!(
+        attr(get, "http.response.status_code").as_deref(),
+        Some("200")
+    );
+    assert_eq!(attr(get, "server.address").as_deref(), Some("api.internal"));
+    assert_eq!(attr(get, "server.port").as_deref(), Some("8443"));
+    assert_eq!(attr(get, "url.query").as_deref(), Some("token=[REDACTED]"));
+    assert_eq!(
+        attr(get, "cloudtap.session_id").as_deref(),
+        Some(open.session_id.as_str())
+    );
+    assert!(get.end_time_unix_nano > get.start_time_unix_nano);
+    let post = got
+        .iter()
+        .find(|s| attr(s, "url.path").as_deref() == Some("/login"))
+        .unwrap();
+    assert_eq!(post.trace_id.len(), 16);
+    assert!(
+        post.parent_span_id.is_empty(),
+        "no traceparent: a trace of its own"
+    );
+    // Nothing redaction removes reaches the collector.
+    let wire: Vec<u8> =
+        c.0.lock()
+            .unwrap()
+            .iter()
+            .flat_map(prost::Message::encode_to_vec)
+            .collect();
+    for secret in ["otlp-secret", "otlp-header-secret", "otlp-pw-1234"] {
+        assert!(
+            !wire.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "{secret} reached the collector"
+        );
+    }
+    // Counted once the collector's answer is back.
+    let want = r#"cloudtap_otlp_spans_total{outcome="exported"} 2"#;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let m = loop {
+        let m = http_get(&edge.http, "/metrics");
+        if m.contains(want) || std::time::Instant::now() > deadline {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(m.contains(want), "{m}");
+    edge.stop().await;
 }
