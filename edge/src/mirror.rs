@@ -12,9 +12,8 @@
 //! failure stops the parser, turns off the stream's payload capture, and is recorded.
 
 pub mod gate;
-pub mod http1;
-pub mod http2;
 pub mod redact;
+pub use cloudtap_parsers::{http1, http2};
 
 use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -319,6 +318,10 @@ enum Parser {
 
 impl Parser {
     fn feed(&mut self, dir: Direction, bytes: &[u8], ts: i64, out: &mut Vec<Event>) {
+        let dir = match dir {
+            Direction::Up => cloudtap_parsers::Direction::Up,
+            Direction::Down => cloudtap_parsers::Direction::Down,
+        };
         match self {
             Parser::H1(p) => p.feed(dir, bytes, ts, out),
             Parser::H2(p) => p.feed(dir, bytes, ts, out),
@@ -371,7 +374,13 @@ async fn emit(
             message,
             body,
             ts,
-        } => shaper.message(stream_id, level, (index, message), dir, grpc, &body, ts),
+        } => {
+            let dir = match dir {
+                cloudtap_parsers::Direction::Up => Direction::Up,
+                cloudtap_parsers::Direction::Down => Direction::Down,
+            };
+            shaper.message(stream_id, level, (index, message), dir, grpc, &body, ts)
+        }
         Event::Upgraded => return,
         Event::Stopped(reason) => {
             capture.payload_off.store(true, Ordering::Release);

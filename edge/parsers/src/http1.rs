@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use bytes::{Buf, BytesMut};
 use sha2::{Digest, Sha256};
 
-use cloudtap_schemas::Direction;
+use crate::Direction;
 
 /// Largest request or response head the parser buffers.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -144,7 +144,7 @@ pub enum Event {
 }
 
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum Chunk {
+pub enum Chunk {
     Size,
     Data(u64),
     DataEnd,
@@ -152,7 +152,7 @@ pub(crate) enum Chunk {
 }
 
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum BodyLen {
+pub enum BodyLen {
     Fixed(u64),
     Chunked(Chunk),
     UntilClose,
@@ -211,7 +211,7 @@ fn headers_of(h: &[httparse::Header<'_>]) -> Vec<(String, Vec<u8>)> {
 }
 
 /// The body framing a head declares (RFC 9112 §6.3), or why it is unusable.
-pub(crate) fn framing(head: &RawHead) -> Result<Option<BodyLen>, String> {
+pub fn framing(head: &RawHead) -> Result<Option<BodyLen>, String> {
     if head.header_has_token("transfer-encoding", "chunked") {
         return Ok(Some(BodyLen::Chunked(Chunk::Size)));
     }
@@ -574,7 +574,7 @@ fn event_end(buf: &[u8]) -> Option<(usize, usize)> {
 
 /// Consumes body bytes from `buf` under `len`, handing the body's bytes (de-chunked) to
 /// `sink`. Returns the framing state to continue with and whether the body ended.
-pub(crate) fn body_step(
+pub fn body_step(
     len: BodyLen,
     buf: &mut BytesMut,
     sink: impl FnMut(&[u8]),
@@ -585,7 +585,7 @@ pub(crate) fn body_step(
 }
 
 /// [`body_step`] over a slice: also returns how many bytes of `buf` it consumed.
-pub(crate) fn body_scan(
+pub fn body_scan(
     len: BodyLen,
     buf: &[u8],
     mut sink: impl FnMut(&[u8]),

@@ -16,9 +16,9 @@ use std::collections::BTreeMap;
 
 use bytes::{Buf, BytesMut};
 
-use cloudtap_schemas::Direction;
+use crate::Direction;
 
-use super::http1::{Event, RawBody, RawExchange, RawHead};
+use crate::http1::{Event, RawBody, RawExchange, RawHead};
 
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Largest frame payload accepted (the protocol's own maximum).
