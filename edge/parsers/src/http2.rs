@@ -99,7 +99,8 @@ struct H2Stream {
     framers: [GrpcFramer; 2],
     /// A `start` was emitted: the call is recorded as a stream.
     streaming: bool,
-    /// Messages emitted per direction.
+    /// Messages emitted so far, both directions together (the call's message numbering;
+    /// held ones are numbered client messages first).
     emitted: u64,
 }
 
