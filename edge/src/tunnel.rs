@@ -699,6 +699,15 @@ where
         };
         let n = match read {
             Ok(0) => {
+                // The upstream may have ended because a request was refused: the
+                // client still gets its 403.
+                if let Gating::Down(Some(rx)) = &mut gating
+                    && let Ok(d) = rx.try_recv()
+                {
+                    let _ = w.write_all(&forbidden(&d)).await;
+                    let _ = w.shutdown().await;
+                    return (offset, Some(format!("request refused: {}", d.reason)));
+                }
                 let _ = w.shutdown().await;
                 return (offset, None);
             }
@@ -746,11 +755,13 @@ where
         offset += chunk.len() as u64;
         if let Some(d) = denied {
             state.http_denied(session, &d).await;
-            let _ = w.shutdown().await;
             let reason = format!("request refused: {}", d.reason);
+            // The other forwarder learns of the refusal before the upstream sees our
+            // end of stream, so the EOF that follows cannot overtake the 403.
             if let Gating::Up(Some((_, tx))) = gating {
                 let _ = tx.send(d);
             }
+            let _ = w.shutdown().await;
             return (offset, Some(reason));
         }
     }
