@@ -270,22 +270,7 @@ async fn a_keep_alive_http1_client_leaves_one_record_per_exchange() {
 
 /// An HTTPS server speaking just enough HTTP/1.1 (keep-alive, fixed responses).
 async fn https_upstream(ca: &cloudtap_edge::pki::Ca) -> String {
-    use rustls_pki_types::pem::PemObject;
-    let issued = ca.issue_server(&["localhost"]).unwrap();
-    let certs: Vec<_> =
-        rustls_pki_types::CertificateDer::pem_slice_iter(issued.cert_pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .unwrap();
-    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).unwrap();
-    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let acceptor = staging_tls(ca);
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
     tokio::spawn(async move {

@@ -317,3 +317,23 @@ pub async fn echo_upstream() -> String {
     });
     addr
 }
+
+/// A TLS acceptor for a staging server: a certificate for `localhost` issued by `ca`.
+pub fn staging_tls(ca: &pki::Ca) -> tokio_rustls::TlsAcceptor {
+    use rustls_pki_types::pem::PemObject;
+    let issued = ca.issue_server(&["localhost"]).unwrap();
+    let certs: Vec<_> =
+        rustls_pki_types::CertificateDer::pem_slice_iter(issued.cert_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).unwrap();
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
+}
