@@ -2,7 +2,11 @@
 //! so building needs no system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["tunnel/v1/tunnel.proto", "log/v1/record.proto"];
+    let protos = [
+        "tunnel/v1/tunnel.proto",
+        "log/v1/record.proto",
+        "query/v1/query.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

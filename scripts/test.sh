@@ -6,8 +6,8 @@
 # - Starts the real services the tests need through scripts/services.sh (an
 #   S3-compatible server and a Kafka-protocol broker, installed from crates.io into
 #   the cache when missing) and stops them afterwards, also on failure.
-# - Installs the Python packages the external-reader checks use (duckdb) into a
-#   virtualenv in the cache.
+# - Installs the Python packages the external-reader checks use (duckdb, and ADBC's
+#   Flight SQL driver with pyarrow) into a virtualenv in the cache.
 # - Prints the test runner's own summary lines; exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,10 +28,11 @@ trap stop_services EXIT
 eval "$(scripts/services.sh start "$services_dir")"
 
 venv="$cache/venv"
-if ! "$venv/bin/python" -c 'import duckdb' 2>/dev/null; then
-  echo "==> installing duckdb into $venv"
+if ! "$venv/bin/python" -c 'import duckdb, adbc_driver_flightsql, pyarrow' 2>/dev/null; then
+  echo "==> installing duckdb, adbc-driver-flightsql and pyarrow into $venv"
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet duckdb==1.4.2
+  "$venv/bin/pip" install --quiet duckdb==1.4.2 adbc-driver-flightsql==1.13.0 \
+    adbc-driver-manager==1.13.0 pyarrow==26.0.1
 fi
 export CLOUDTAP_TEST_PYTHON="$venv/bin/python"
 

@@ -21,6 +21,8 @@ use pb::tunnel_service_client::TunnelServiceClient;
 
 use crate::{http_client, paths};
 
+mod query_cmd;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "cloudtapctl",
@@ -63,12 +65,23 @@ pub struct Global {
     /// Data dir shared with cloudtapd.
     #[arg(long, global = true, env = "CLOUDTAP_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Output format (default: table on a terminal, json otherwise).
+    /// Output format (default: table on a terminal, json otherwise); `query` also
+    /// writes csv and arrow (Arrow IPC stream).
     #[arg(short = 'o', long, global = true, value_enum)]
-    pub output: Option<Output>,
+    pub output: Option<Format>,
 }
 
+/// Every output format a command may be asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+    Csv,
+    Arrow,
+}
+
+/// The formats of commands that print records rather than query answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Output {
     Table,
     Json,
@@ -99,6 +112,22 @@ pub enum Cmd {
     /// Admin: issue or revoke tokens.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Run SQL over captured traffic (tables: sessions, streams, events, frames,
+    /// http_exchanges, and the view requests), e.g.
+    /// `cloudtapctl query "SELECT path, status FROM requests WHERE status >= 500"`.
+    Query {
+        /// One SQL statement (read-only).
+        sql: String,
+        /// Write the answer to this file instead of stdout.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// At most this many rows (the server's limit wins when lower).
+        #[arg(long, default_value_t = 10_000)]
+        max_rows: u64,
+    },
+    /// Captured sessions: list them, or show one.
+    #[command(subcommand)]
+    Sessions(query_cmd::SessionsCmd),
     /// Print HTTP and gRPC exchanges as they happen (time, target, method, path,
     /// status, latency), for the sessions you may read.
     Tail {
@@ -142,22 +171,29 @@ struct Ctx {
     data_dir: PathBuf,
     endpoints: Option<cloudtap_edge::Endpoints>,
     output: Output,
+    format: Format,
 }
 
 impl Ctx {
     fn new(g: Global) -> Self {
         let data_dir = paths::data_dir(g.data_dir.clone());
         let endpoints = paths::read_endpoints(&data_dir);
-        let output = g.output.unwrap_or(if std::io::stdout().is_terminal() {
-            Output::Table
+        let format = g.output.unwrap_or(if std::io::stdout().is_terminal() {
+            Format::Table
         } else {
-            Output::Json
+            Format::Json
         });
+        // Commands other than `query` print JSON where csv or arrow was asked for.
+        let output = match format {
+            Format::Table => Output::Table,
+            Format::Json | Format::Csv | Format::Arrow => Output::Json,
+        };
         Self {
             g,
             data_dir,
             endpoints,
             output,
+            format,
         }
     }
 
@@ -755,6 +791,12 @@ pub async fn main(cli: Cli) -> CtlResult<()> {
             Ok(())
         }
         Cmd::Proxy { target, local_addr } => proxy(&ctx, &target, local_addr).await,
+        Cmd::Query {
+            sql,
+            file,
+            max_rows,
+        } => query_cmd::query(&ctx, &sql, file, max_rows).await,
+        Cmd::Sessions(cmd) => query_cmd::sessions(&ctx, cmd).await,
         Cmd::Tail { session, target } => {
             let control = connect(&ctx).await;
             let filter = pb::WatchEventsRequest {

@@ -42,6 +42,34 @@ pub enum Role {
     /// The recorder alone: reads the traffic log (as a member of the recorders'
     /// consumer group on Kafka) and writes the Parquet tables to the archive.
     Recorder(RecorderArgs),
+    /// The query service alone: SQL (gRPC, Flight SQL, HTTP) over the archive and the
+    /// log's unarchived tail, authenticated like the control plane.
+    Query(QueryArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct QueryArgs {
+    /// Data dir (default log and archive locations, development PKI).
+    #[arg(long, env = "CLOUDTAP_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// TOML configuration file (its [policy], [tokens], [query] and [recorder]
+    /// sections apply).
+    #[arg(long, env = "CLOUDTAP_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// gRPC address: QueryService and Flight SQL (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:9091")]
+    pub grpc_addr: SocketAddr,
+    /// HTTP address: POST /v1/query, /healthz, /metrics.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    pub http_addr: SocketAddr,
+    /// Traffic log URL (default file://<data dir>/log). The node appends its audit
+    /// records there, so a segment log must not be open in another process: use
+    /// Kafka to run query nodes beside edges.
+    #[arg(long, env = "CLOUDTAP_LOG")]
+    pub log: Option<String>,
+    /// Archive URL: file:///dir (default <data dir>/archive) or s3://bucket/prefix.
+    #[arg(long, env = "CLOUDTAP_ARCHIVE")]
+    pub archive: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -98,6 +126,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Role::All(a) => (a, true),
         Role::Edge(a) => (a, false),
         Role::Recorder(a) => return recorder_main(a).await,
+        Role::Query(a) => return query_main(a).await,
     };
     let data_dir = prepare_data_dir(args.data_dir.clone())?;
     let mut cfg = load_config(args.config.as_deref())?;
@@ -155,27 +184,26 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             (pki.server_cert(), pki.server_key(), pki.ca_cert())
         }
     };
-    let signing_path = cfg
-        .tokens
-        .signing_key
-        .clone()
-        .unwrap_or_else(|| DevPki::new(&data_dir).signing_key());
-    let seed = std::fs::read_to_string(&signing_path).with_context(|| {
-        format!(
-            "cannot read the token signing key {}",
-            signing_path.display()
-        )
-    })?;
-    let signing_key = SigningKey::from_seed_hex(&seed)
-        .with_context(|| format!("in {}", signing_path.display()))?;
+    let signing_key = signing_key(&cfg, &data_dir)?;
 
     let log = open_log(&cfg, args.log.as_deref(), &data_dir).await?;
     // In `all`, the recorder runs in this process on the same log.
     let recorder = if embedded {
-        let (store, settings) = open_archive(&cfg, None, &data_dir).await?;
-        Some((store, settings))
+        let (store, settings, url) = open_archive(&cfg, None, &data_dir).await?;
+        Some((store, settings, url))
     } else {
         None
+    };
+    // In `all`, the query service reads the same archive and log, on the edge's
+    // listeners.
+    let query = match &recorder {
+        Some((store, _, url)) => Some(crate::query_role::engine(
+            &cfg,
+            url,
+            store.clone(),
+            log.clone(),
+        )?),
+        None => None,
     };
 
     let bind = |addr: SocketAddr, what: &'static str| async move {
@@ -216,8 +244,14 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         println!("  demo-service  {d}");
     }
     println!("  traffic log   {}", log.describe());
-    if let Some((store, _)) = &recorder {
+    if let Some((store, _, _)) = &recorder {
         println!("  archive       {}", store.describe());
+    }
+    if query.is_some() {
+        println!(
+            "  query         SQL over gRPC, Flight SQL (grpc://{}) and POST http://{}/v1/query",
+            endpoints.grpc, endpoints.http
+        );
     }
     println!("  data dir      {}", data_dir.display());
     if loopback_only {
@@ -243,7 +277,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         stop.cancel();
     });
     let retention = params.config.log_retention();
-    let recorder_task = recorder.map(|(store, settings)| {
+    let recorder_task = recorder.map(|(store, settings, _)| {
         let rec = Recorder::new(params.log.clone(), store.clone(), settings.clone());
         tokio::spawn(retain_archived(
             params.log.clone(),
@@ -277,7 +311,16 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             }
         })
     });
-    let edge = cloudtap_edge::run(params, listeners, shutdown.clone()).await;
+    let edge = cloudtap_edge::run_with(
+        params,
+        listeners,
+        shutdown.clone(),
+        move |state| match query {
+            Some(engine) => crate::query_role::mounts(engine, state),
+            None => cloudtap_edge::Mounts::default(),
+        },
+    )
+    .await;
     shutdown.cancel();
     if let Some(t) = recorder_task {
         match t.await {
@@ -357,20 +400,108 @@ async fn open_archive(
     cfg: &EdgeConfig,
     flag: Option<&str>,
     data_dir: &std::path::Path,
-) -> anyhow::Result<(std::sync::Arc<dyn ObjectStore>, RecorderSettings)> {
+) -> anyhow::Result<(std::sync::Arc<dyn ObjectStore>, RecorderSettings, String)> {
     let url = flag
         .map(str::to_owned)
         .or(cfg.recorder.archive.clone())
         .unwrap_or_else(|| format!("file://{}", data_dir.join("archive").display()));
     let store = open_store(&url, &cfg.recorder.s3).await?;
-    Ok((store, cfg.recorder.settings()))
+    Ok((store, cfg.recorder.settings(), url))
+}
+
+/// The token signing key the configuration names, else the development one.
+fn signing_key(cfg: &EdgeConfig, data_dir: &std::path::Path) -> anyhow::Result<SigningKey> {
+    let path = cfg
+        .tokens
+        .signing_key
+        .clone()
+        .unwrap_or_else(|| DevPki::new(data_dir).signing_key());
+    let seed = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read the token signing key {}", path.display()))?;
+    SigningKey::from_seed_hex(&seed).with_context(|| format!("in {}", path.display()))
+}
+
+async fn query_main(args: QueryArgs) -> anyhow::Result<()> {
+    let data_dir = prepare_data_dir(args.data_dir.clone())?;
+    let mut cfg = load_config(args.config.as_deref())?;
+    if args.config.is_none() {
+        // Like the embedded default: the development admin reads everything.
+        cfg.policy.admins.push(DEV_ADMIN.into());
+    }
+    // The node's own chain (audits, heartbeats) is named apart from any edge's.
+    cfg.name = format!("{}-query", cfg.name);
+    cfg.validate()?;
+    let pki = DevPki::new(&data_dir);
+    let (cert, key, client_ca) = match &cfg.tls {
+        Some(t) => (t.cert.clone(), t.key.clone(), t.client_ca.clone()),
+        None => (pki.server_cert(), pki.server_key(), pki.ca_cert()),
+    };
+    let signing_key = signing_key(&cfg, &data_dir).context(
+        "the query node checks tokens with the issuer's key: start `cloudtapd all` once to create the development one, or set [tokens] signing_key",
+    )?;
+    let log = open_log(&cfg, args.log.as_deref(), &data_dir).await?;
+    let (store, _, url) = open_archive(&cfg, args.archive.as_deref(), &data_dir).await?;
+    let engine = crate::query_role::engine(&cfg, &url, store.clone(), log.clone())?;
+    let grpc = TcpListener::bind(args.grpc_addr).await.with_context(|| {
+        format!(
+            "cannot listen on {} for gRPC; pass --grpc-addr",
+            args.grpc_addr
+        )
+    })?;
+    let http = TcpListener::bind(args.http_addr).await.with_context(|| {
+        format!(
+            "cannot listen on {} for HTTP; pass --http-addr",
+            args.http_addr
+        )
+    })?;
+    let (grpc_addr, http_addr) = (grpc.local_addr()?, http.local_addr()?);
+    let signals = shutdown_signal()?;
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        signals.await;
+        eprintln!("cloudtapd query: shutting down");
+        stop.cancel();
+    });
+    println!("cloudtapd {} (query)", env!("CARGO_PKG_VERSION"));
+    println!("  gRPC          {grpc_addr} (QueryService, Flight SQL)");
+    println!("  HTTP API      http://{http_addr}/v1/query");
+    println!("  traffic log   {}", log.describe());
+    println!("  archive       {}", store.describe());
+    // Written under its own name: the edge's endpoints.json stays the CLI's default.
+    std::fs::write(
+        data_dir.join("query-endpoints.json"),
+        serde_json::json!({"grpc": grpc_addr, "http": http_addr}).to_string(),
+    )
+    .with_context(|| {
+        format!(
+            "cannot write {}",
+            data_dir.join("query-endpoints.json").display()
+        )
+    })?;
+    println!(
+        "ready: `cloudtapctl --server {grpc_addr} --http-url http://{http_addr} query \"SELECT …\"`"
+    );
+    let params = EdgeParams {
+        config: cfg,
+        log,
+        tls_cert: cert,
+        tls_key: key,
+        client_ca,
+        signing_key,
+    };
+    cloudtap_edge::run_node(params, grpc, http, shutdown, move |state| {
+        crate::query_role::mounts(engine, state)
+    })
+    .await?;
+    Ok(())
 }
 
 async fn recorder_main(args: RecorderArgs) -> anyhow::Result<()> {
     let data_dir = prepare_data_dir(args.data_dir.clone())?;
     let cfg = load_config(args.config.as_deref())?;
     let log = open_log(&cfg, args.log.as_deref(), &data_dir).await?;
-    let (store, settings) = open_archive(&cfg, args.archive.as_deref(), &data_dir).await?;
+    let (store, settings, _) = open_archive(&cfg, args.archive.as_deref(), &data_dir).await?;
     let signals = shutdown_signal()?;
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();

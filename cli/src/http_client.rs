@@ -21,6 +21,18 @@ pub async fn call(
     bearer: Option<&str>,
     body: Option<Vec<u8>>,
 ) -> Result<(u16, Vec<u8>), HttpError> {
+    call_accepting(base, method, path, bearer, body, "application/json").await
+}
+
+/// [`call`], asking for the media type `accept`.
+pub async fn call_accepting(
+    base: &str,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: Option<Vec<u8>>,
+    accept: &str,
+) -> Result<(u16, Vec<u8>), HttpError> {
     let rest = base.strip_prefix("http://").ok_or_else(|| {
         HttpError::Other(format!(
             "--http-url {base:?} must start with http:// (the HTTP API listens on loopback only in this build)"
@@ -47,7 +59,8 @@ pub async fn call(
         .method(method)
         .uri(path)
         .header("host", authority)
-        .header("content-type", "application/json");
+        .header("content-type", "application/json")
+        .header("accept", accept);
     if let Some(t) = bearer {
         req = req.header("authorization", format!("Bearer {t}"));
     }

@@ -5,6 +5,7 @@ pub mod ctl;
 pub mod daemon;
 mod http_client;
 pub mod paths;
+pub mod query_role;
 
 /// The `main` both binaries share: logs to stderr at `default_level` (or
 /// `CLOUDTAP_LOG_LEVEL`), runs `body` on a multi-threaded runtime, and maps an error to

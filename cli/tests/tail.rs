@@ -3,31 +3,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{ChildStdout, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
 
 use common::*;
-
-/// The lines a child prints, on a channel (so a test can wait with a deadline).
-fn lines<R: std::io::Read + Send + 'static>(r: R) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(r).lines() {
-            let Ok(line) = line else { return };
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    rx
-}
-
-fn next(rx: &mpsc::Receiver<String>, what: &str) -> String {
-    rx.recv_timeout(Duration::from_secs(20))
-        .unwrap_or_else(|_| panic!("no {what} within 20 s"))
-}
 
 /// (method, path, query, status) of the next `n` exchange lines.
 fn exchanges(rx: &mpsc::Receiver<String>, n: usize) -> Vec<(String, String, String, u64)> {

@@ -57,6 +57,56 @@ pub struct EdgeConfig {
     /// OpenTelemetry export of exchanges as spans.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// Limits of the query service (`cloudtapd all` / `cloudtapd query`).
+    #[serde(default)]
+    pub query: QueryConfig,
+}
+
+/// `[query]`: limits every SQL query runs under.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryConfig {
+    /// A query running longer is stopped. Default 60.
+    #[serde(default = "default_query_timeout")]
+    pub timeout_secs: u64,
+    /// Memory one query may hold for sorts, joins and aggregations; beyond it the
+    /// query fails with a message saying so. Default 1024.
+    #[serde(default = "default_query_memory")]
+    pub memory_limit_mb: u64,
+    /// Rows one answer holds at most; the rest are cut and the answer says so.
+    /// Default 100000.
+    #[serde(default = "default_query_rows")]
+    pub max_rows: u64,
+    /// Log records not yet archived that one query may read into memory. Default 512.
+    #[serde(default = "default_query_tail")]
+    pub max_tail_mb: u64,
+}
+
+fn default_query_timeout() -> u64 {
+    60
+}
+
+fn default_query_memory() -> u64 {
+    1024
+}
+
+fn default_query_rows() -> u64 {
+    100_000
+}
+
+fn default_query_tail() -> u64 {
+    512
+}
+
+impl Default for QueryConfig {
+    fn default() -> Self {
+        Self {
+            timeout_secs: default_query_timeout(),
+            memory_limit_mb: default_query_memory(),
+            max_rows: default_query_rows(),
+            max_tail_mb: default_query_tail(),
+        }
+    }
 }
 
 /// `[telemetry]`: OTLP export (off unless `otlp_endpoint` is set).
@@ -427,6 +477,10 @@ pub struct PolicyConfig {
     /// Identities allowed to issue and revoke tokens and close anyone's tunnels.
     #[serde(default)]
     pub admins: Vec<String>,
+    /// Identities that may read every captured session (`query`, `sessions`,
+    /// `tail`), including the edges' own records, without other admin rights.
+    #[serde(default)]
+    pub auditors: Vec<String>,
     /// Named groups of identities, referenced as `group:NAME` in rules.
     #[serde(default)]
     pub groups: BTreeMap<String, Vec<String>>,
@@ -456,6 +510,12 @@ impl EdgeConfig {
 
     /// Pure checks: names, addresses, limits.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let q = &self.query;
+        if q.timeout_secs == 0 || q.memory_limit_mb == 0 || q.max_rows == 0 {
+            return Err(ConfigError(
+                "[query]: timeout_secs, memory_limit_mb and max_rows must be at least 1".into(),
+            ));
+        }
         let mut seen = HashSet::new();
         for t in &self.targets {
             if t.name.is_empty()

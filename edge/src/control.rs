@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use cloudtap_proto::tunnel::v1 as pb;
-use cloudtap_schemas::{Body, CloseReason, Control, ControlAction, PolicyDecision};
+use cloudtap_schemas::{Audit, Body, CloseReason, Control, ControlAction, PolicyDecision};
 use uuid::Uuid;
 
 use crate::EdgeState;
@@ -106,6 +106,17 @@ impl Caller {
     }
 }
 
+/// What a caller may read of captured data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadGrant {
+    pub identity: String,
+    /// Every session and the edges' own records (admins and auditors).
+    pub all: bool,
+    /// Otherwise: sessions of these targets (`None`: of every target), and the
+    /// caller's own sessions.
+    pub targets: Option<Vec<String>>,
+}
+
 /// A token as handed out.
 #[derive(Debug, Clone)]
 pub struct Issued {
@@ -141,6 +152,40 @@ impl EdgeState {
             reason,
             token_id: token_id.into(),
             client_cert_sha256: cert.into(),
+        }))
+        .await;
+    }
+
+    /// What a control-plane caller may read of captured data (`query`, `sessions`,
+    /// `export`): authenticates them (a refusal is recorded) and applies their policy
+    /// and their token's target scope.
+    pub async fn read_grant(&self, caller: &Caller, action: &str) -> Result<ReadGrant, Refusal> {
+        let claims = self.authenticate(caller, action, "").await?;
+        let scoped_token = !claims.targets.iter().any(|t| t == "*");
+        let mut grant = ReadGrant {
+            all: self.policy.reads_all(&claims.sub) && !scoped_token,
+            targets: self.policy.readable_targets(&claims.sub),
+            identity: claims.sub,
+        };
+        if scoped_token {
+            // A token scoped to some targets reads only those, whoever holds it.
+            grant.targets = Some(match grant.targets {
+                None => claims.targets.clone(),
+                Some(t) => t
+                    .into_iter()
+                    .filter(|x| claims.targets.contains(x))
+                    .collect(),
+            });
+        }
+        Ok(grant)
+    }
+
+    /// Appends an audit record on this process's own chain.
+    pub async fn audit(&self, actor: &str, action: &str, detail: String) {
+        self.edge_record(Body::Audit(Audit {
+            actor: actor.into(),
+            action: action.into(),
+            detail,
         }))
         .await;
     }

@@ -31,10 +31,20 @@ pub fn service(state: Arc<EdgeState>) -> TunnelServiceServer<Service> {
     TunnelServiceServer::new(Service { state })
 }
 
-pub async fn serve(state: Arc<EdgeState>, listener: TcpListener, shutdown: CancellationToken) {
+pub async fn serve(
+    state: Arc<EdgeState>,
+    listener: TcpListener,
+    edge: bool,
+    extra: Option<tonic::service::Routes>,
+    shutdown: CancellationToken,
+) {
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let mut routes = extra.unwrap_or_default();
+    if edge {
+        routes = routes.add_service(service(state));
+    }
     if let Err(e) = tonic::transport::Server::builder()
-        .add_service(service(state))
+        .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await
     {
@@ -137,7 +147,8 @@ where
 
 impl EdgeState {
     /// Live events for a caller: authenticated, filtered, and scoped to what the caller
-    /// may read (admins see everything, others the sessions of targets they may reach).
+    /// may read (admins and auditors see everything, others the sessions of targets
+    /// they may reach).
     pub async fn watch(
         &self,
         caller: &Caller,
@@ -164,7 +175,7 @@ impl EdgeState {
         ];
         let weak = self.weak.clone();
         let shutting_down = self.shutting_down.clone();
-        let admin = self.policy.is_admin(&subject);
+        let admin = self.policy.reads_all(&subject);
         let mut live = self.tap.subscribe_live();
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let policy = self.policy.clone();

@@ -57,8 +57,32 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .with_state(state)
 }
 
-pub async fn serve(state: Arc<EdgeState>, listener: TcpListener, shutdown: CancellationToken) {
-    if let Err(e) = axum::serve(listener, router(state))
+/// What a node of another role serves of this API: health and metrics only.
+pub fn node_router(state: Arc<EdgeState>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+pub async fn serve(
+    state: Arc<EdgeState>,
+    listener: TcpListener,
+    edge: bool,
+    extra: Option<Router>,
+    shutdown: CancellationToken,
+) {
+    let own = if edge {
+        router(state)
+    } else {
+        node_router(state)
+    };
+    let app = match extra {
+        Some(extra) => own.merge(extra),
+        None => own,
+    };
+    if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
     {

@@ -186,6 +186,25 @@ pub enum EdgeError {
     Io(#[from] std::io::Error),
 }
 
+/// Services of other roles served on the edge's own control listeners (`cloudtapd
+/// all`): built once the edge's state exists, since they authenticate through it.
+#[derive(Default)]
+pub struct Mounts {
+    /// Routes merged into the HTTP API.
+    pub http: Option<axum::Router>,
+    /// gRPC services added beside the control plane.
+    pub grpc: Option<tonic::service::Routes>,
+}
+
+impl std::fmt::Debug for Mounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mounts")
+            .field("http", &self.http.is_some())
+            .field("grpc", &self.grpc.is_some())
+            .finish()
+    }
+}
+
 /// Runs the edge on the given listeners until `shutdown` fires, then drains: live
 /// sessions end with reason `edge_shutdown`, the tap is flushed, and it returns.
 pub async fn run(
@@ -193,15 +212,61 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), EdgeError> {
-    for l in [&listeners.grpc, &listeners.http] {
+    run_with(params, listeners, shutdown, |_| Mounts::default()).await
+}
+
+/// [`run`], with other roles' services mounted on the control listeners.
+pub async fn run_with(
+    params: EdgeParams,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+    mounts: impl FnOnce(Arc<EdgeState>) -> Mounts,
+) -> Result<(), EdgeError> {
+    let Listeners { grpc, http, tunnel } = listeners;
+    run_inner(params, grpc, http, Some(tunnel), shutdown, mounts).await
+}
+
+/// Runs a node of another role (`cloudtapd query`) on the control plane's machinery
+/// without being an edge: the same token checks and policy, revocations followed on
+/// the log, its own chain for audit records and heartbeats, `/healthz` and
+/// `/metrics` — and only the mounted services besides: no tunnel listener, no
+/// `TunnelService`, no `/v1/proxy`. `params.config.name` names the node's chain.
+pub async fn run_node(
+    params: EdgeParams,
+    grpc: TcpListener,
+    http: TcpListener,
+    shutdown: CancellationToken,
+    mounts: impl FnOnce(Arc<EdgeState>) -> Mounts,
+) -> Result<(), EdgeError> {
+    run_inner(params, grpc, http, None, shutdown, mounts).await
+}
+
+async fn run_inner(
+    params: EdgeParams,
+    grpc: TcpListener,
+    http: TcpListener,
+    tunnel: Option<TcpListener>,
+    shutdown: CancellationToken,
+    mounts: impl FnOnce(Arc<EdgeState>) -> Mounts,
+) -> Result<(), EdgeError> {
+    for l in [&grpc, &http] {
         let addr = l.local_addr()?;
         if !addr.ip().is_loopback() {
             return Err(EdgeError::ControlOffLoopback(addr));
         }
     }
-    let server_tls =
-        pki::tunnel_server_config(&params.tls_cert, &params.tls_key, &params.client_ca)?;
-    let tunnel_local = listeners.tunnel.local_addr()?;
+    let server_tls = match &tunnel {
+        Some(_) => Some(pki::tunnel_server_config(
+            &params.tls_cert,
+            &params.tls_key,
+            &params.client_ca,
+        )?),
+        None => None,
+    };
+    let tunnel_local = match &tunnel {
+        Some(t) => t.local_addr()?.to_string(),
+        None => "none".to_string(),
+    };
     let cfg = params.config;
     let redactor = Arc::new(mirror::redact::Redactor::new(&cfg.redaction)?);
     let otlp = match &cfg.telemetry.otlp_endpoint {
@@ -223,7 +288,7 @@ pub async fn run(
         signer: params.signing_key,
         sessions: Sessions::default(),
         revoked: Mutex::default(),
-        tunnel_addr: tunnel_local.to_string(),
+        tunnel_addr: tunnel_local.clone(),
         metrics: Metrics::default(),
         shutting_down: CancellationToken::new(),
         follow_failed: Default::default(),
@@ -257,15 +322,31 @@ pub async fn run(
     let tasks = tokio_util::task::TaskTracker::new();
     tasks.spawn(follow(state.clone(), follow_from, shutdown.clone()));
     tasks.spawn(heartbeat(state.clone(), shutdown.clone()));
-    let acceptor = tokio_rustls::TlsAcceptor::from(server_tls);
-    let tunnel_task = tokio::spawn(tunnel::serve(
+    let is_edge = tunnel.is_some();
+    let tunnel_task = match (tunnel, server_tls) {
+        (Some(listener), Some(tls)) => Some(tokio::spawn(tunnel::serve(
+            state.clone(),
+            listener,
+            tokio_rustls::TlsAcceptor::from(tls),
+            shutdown.clone(),
+        ))),
+        _ => None,
+    };
+    let mounts = mounts(state.clone());
+    tasks.spawn(grpc::serve(
         state.clone(),
-        listeners.tunnel,
-        acceptor,
+        grpc,
+        is_edge,
+        mounts.grpc,
         shutdown.clone(),
     ));
-    tasks.spawn(grpc::serve(state.clone(), listeners.grpc, shutdown.clone()));
-    tasks.spawn(http::serve(state.clone(), listeners.http, shutdown.clone()));
+    tasks.spawn(http::serve(
+        state.clone(),
+        http,
+        is_edge,
+        mounts.http,
+        shutdown.clone(),
+    ));
 
     shutdown.cancelled().await;
     state.shutting_down.cancel();
@@ -274,7 +355,9 @@ pub async fn run(
         "edge shutting down: draining tunnels"
     );
     // Sessions see the same token and end themselves; wait for their closing records.
-    let _ = tunnel_task.await;
+    if let Some(t) = tunnel_task {
+        let _ = t.await;
+    }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let attached = |s: &Arc<session::Session>| s.attached.load(Ordering::Acquire);
     while state.sessions.all().iter().any(attached) && tokio::time::Instant::now() < deadline {

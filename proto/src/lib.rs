@@ -1,5 +1,6 @@
 //! Generated protobuf and gRPC code for cloudtap: the control plane
-//! (`cloudtap.tunnel.v1`) and the traffic log's record envelope (`cloudtap.log.v1`).
+//! (`cloudtap.tunnel.v1`), the query service (`cloudtap.query.v1`) and the traffic
+//! log's record envelope (`cloudtap.log.v1`).
 //! Nothing here is written by hand; the `.proto` files beside this crate are the source.
 
 #![allow(clippy::all, missing_docs)]
@@ -13,5 +14,11 @@ pub mod tunnel {
 pub mod log {
     pub mod v1 {
         tonic::include_proto!("cloudtap.log.v1");
+    }
+}
+
+pub mod query {
+    pub mod v1 {
+        tonic::include_proto!("cloudtap.query.v1");
     }
 }

@@ -157,6 +157,10 @@ pub enum RecorderError {
     BadMarker { key: String, reason: String },
     #[error("encoding Parquet failed: {0}")]
     Parquet(String),
+    #[error(
+        "the traffic log holds more than {limit} bytes the recorder has not archived yet; is the recorder running? (`cloudtapd all` runs one; `cloudtapctl status` shows its lag)"
+    )]
+    TailTooLarge { limit: u64 },
 }
 
 /// Counters for `/metrics`, `/healthz` and tests.
@@ -180,6 +184,68 @@ pub struct MarkedFile {
     pub table: String,
     pub rows: u64,
     pub bytes: u64,
+    /// Value ranges of the file's key columns, so readers can skip the whole file
+    /// without opening it (absent in markers written before they were kept).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ranges: Vec<ColumnRange>,
+}
+
+/// The smallest and largest value of one column in a file (nulls left out).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ColumnRange {
+    pub column: String,
+    pub min: RangeValue,
+    pub max: RangeValue,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RangeValue {
+    Text(String),
+    /// Nanoseconds since the Unix epoch (a `ts`, `opened_at` or `closed_at` column).
+    Time(i64),
+}
+
+/// The ranges of the id and time columns of `batch` that are present.
+fn column_ranges(batch: &RecordBatch) -> Vec<ColumnRange> {
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::TimestampNanosecondType;
+    let mut out = Vec::new();
+    for name in ["chain_id", "session_id"] {
+        let Some(col) = batch.column_by_name(name) else {
+            continue;
+        };
+        let Some(a) = col.as_string_opt::<i32>() else {
+            continue;
+        };
+        if let (Some(lo), Some(hi)) = (arrow::compute::min_string(a), arrow::compute::max_string(a))
+        {
+            out.push(ColumnRange {
+                column: name.into(),
+                min: RangeValue::Text(lo.into()),
+                max: RangeValue::Text(hi.into()),
+            });
+        }
+    }
+    for name in ["ts", "opened_at", "closed_at"] {
+        let Some(col) = batch.column_by_name(name) else {
+            continue;
+        };
+        let Some(a) = col.as_primitive_opt::<TimestampNanosecondType>() else {
+            continue;
+        };
+        if a.null_count() == a.len() {
+            continue;
+        }
+        if let (Some(lo), Some(hi)) = (arrow::compute::min(a), arrow::compute::max(a)) {
+            out.push(ColumnRange {
+                column: name.into(),
+                min: RangeValue::Time(lo),
+                max: RangeValue::Time(hi),
+            });
+        }
+    }
+    out
 }
 
 /// A committed range (`_ranges/<partition>/<first>.json`).
@@ -474,13 +540,26 @@ impl ChainState {
                 true
             }
             Body::Frame(f) => {
+                // Byte counts so far, for readers of open sessions; the close record
+                // sets the final ones.
+                let len = u64::from(f.length);
                 if let Some(s) = self.sessions.get_mut(&r.chain_id) {
                     s.frames += 1;
+                    match f.direction {
+                        Direction::Up => s.bytes_up += len,
+                        Direction::Down => s.bytes_down += len,
+                    }
                 }
                 if let Some(st) = self.streams.get_mut(&(r.chain_id, f.stream_id)) {
                     match f.direction {
-                        Direction::Up => st.frames_up += 1,
-                        Direction::Down => st.frames_down += 1,
+                        Direction::Up => {
+                            st.frames_up += 1;
+                            st.bytes_up += len;
+                        }
+                        Direction::Down => {
+                            st.frames_down += 1;
+                            st.bytes_down += len;
+                        }
                     }
                 }
                 true
@@ -564,6 +643,119 @@ impl ChainState {
             _ => self.sessions.contains_key(&r.chain_id),
         }
     }
+}
+
+/// What the log holds beyond the archive: the records after each partition's last
+/// committed range, as the recorder will archive them, plus the sessions and streams
+/// still open. Readers combine it with the Parquet files the same markers list, so a
+/// record is in exactly one of the two.
+#[derive(Debug, Default)]
+pub struct Tail {
+    /// Records not yet archived (with whether each is on a session chain), in log
+    /// order within a partition; records the archive already holds are left out.
+    pub records: Vec<(Record, bool)>,
+    /// Sessions and streams that closed in the tail: the rows the recorder will write.
+    pub sessions: Vec<SessionRow>,
+    pub streams: Vec<StreamRow>,
+    /// Sessions and streams open at the end of the log; `closed_at` is 0, and byte
+    /// counts are those of the frames seen so far.
+    pub open_sessions: Vec<SessionRow>,
+    pub open_streams: Vec<StreamRow>,
+    /// Encoded size of `records`, for callers that bound their memory.
+    pub bytes: u64,
+}
+
+/// Reads the log past the ranges `markers` commit (each partition from its last
+/// marker's checkpoint) up to the log's current end. Stops with
+/// [`RecorderError::TailTooLarge`] once the records exceed `max_bytes`.
+pub async fn read_tail(
+    log: &dyn EventLog,
+    markers: &[Marker],
+    max_bytes: u64,
+) -> Result<Tail, RecorderError> {
+    use futures::StreamExt;
+    let end = log.end().await?;
+    let mut from = crate::Offsets::default();
+    let mut states: BTreeMap<u32, ChainState> = BTreeMap::new();
+    for (&p, &e) in &end.0 {
+        let last = markers
+            .iter()
+            .filter(|m| m.partition == p)
+            .max_by_key(|m| m.first);
+        let (next, checkpoint) = last.map_or((0, Checkpoint::default()), |m| {
+            (m.last + 1, m.checkpoint.clone())
+        });
+        if next < e {
+            from.0.insert(p, next);
+            states.insert(p, ChainState::from_checkpoint(checkpoint));
+        } else {
+            // Nothing beyond the archive; its open sessions are still open.
+            states.insert(p, ChainState::from_checkpoint(checkpoint));
+        }
+    }
+    let mut tail = Tail::default();
+    let mut pending = PendingRange::default();
+    let mut pending_parts: BTreeMap<u32, u64> = from
+        .0
+        .iter()
+        .filter(|(p, o)| end.0.get(p).is_some_and(|e| e > o))
+        .map(|(p, _)| (*p, end.0[p]))
+        .collect();
+    if !pending_parts.is_empty() {
+        let mut sub = log.subscribe(from);
+        while !pending_parts.is_empty() {
+            let Some(entry) = sub.next().await else { break };
+            let entry = entry?;
+            let p = entry.position.partition;
+            let Some(&stop) = pending_parts.get(&p) else {
+                continue;
+            };
+            if entry.position.offset >= stop {
+                pending_parts.remove(&p);
+                continue;
+            }
+            if entry.position.offset + 1 >= stop {
+                pending_parts.remove(&p);
+            }
+            let state = states.get_mut(&p).expect("a state per partition read");
+            let r = entry.record;
+            if state.is_duplicate(&r) {
+                continue;
+            }
+            let on_session = state.apply(&r, &mut pending);
+            tail.bytes += approx_size(&r);
+            if tail.bytes > max_bytes {
+                return Err(RecorderError::TailTooLarge { limit: max_bytes });
+            }
+            tail.records.push((r, on_session));
+        }
+    }
+    tail.sessions = pending.sessions;
+    tail.streams = pending.streams;
+    for state in states.into_values() {
+        for mut s in state.sessions.into_values() {
+            s.records = state.chains.get(&s.session_id).map_or(0, |seq| seq + 1);
+            tail.open_sessions.push(s);
+        }
+        tail.open_streams.extend(state.streams.into_values());
+    }
+    tail.open_sessions.sort_by_key(|s| s.session_id);
+    tail.open_streams
+        .sort_by_key(|s| (s.session_id, s.stream_id));
+    Ok(tail)
+}
+
+/// Roughly what a record takes in memory: its payloads plus a fixed envelope.
+fn approx_size(r: &Record) -> u64 {
+    let payload = match &r.body {
+        Body::Frame(f) => f.payload.as_ref().map_or(0, Vec::len),
+        Body::HttpExchange(x) => [&x.request_body, &x.response_body]
+            .iter()
+            .map(|b| b.content.as_ref().map_or(0, Vec::len))
+            .sum(),
+        _ => 0,
+    };
+    payload as u64 + 256
 }
 
 /// Records gathered for the range being built.
@@ -954,7 +1146,7 @@ impl Recorder {
         let files = files?;
         let checkpoint = w.state.checkpoint();
         let mut marked = Vec::with_capacity(files.len());
-        for (key, table, rows, data) in files {
+        for (key, table, rows, data, ranges) in files {
             let store = self.store.clone();
             let len = data.len() as u64;
             retry(
@@ -976,6 +1168,7 @@ impl Recorder {
                 table: table.into(),
                 rows,
                 bytes: len,
+                ranges,
             });
         }
         self.ranges_started += 1;
@@ -1147,7 +1340,7 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
-type FileOut = (String, &'static str, u64, Bytes);
+type FileOut = (String, &'static str, u64, Bytes, Vec<ColumnRange>);
 
 /// Encodes a range's rows: one file per table and Hive partition.
 fn build_files(
@@ -1182,6 +1375,7 @@ fn build_files(
             table,
             idx.len() as u64,
             encode(&batch, table, &range_tag)?,
+            column_ranges(&batch),
         ));
     }
     let mut by_part: BTreeMap<String, Vec<SessionRow>> = BTreeMap::new();
@@ -1200,6 +1394,7 @@ fn build_files(
             "sessions",
             rows.len() as u64,
             encode(&batch, "sessions", &range_tag)?,
+            column_ranges(&batch),
         ));
     }
     let mut by_part: BTreeMap<String, Vec<StreamRow>> = BTreeMap::new();
@@ -1218,6 +1413,7 @@ fn build_files(
             "streams",
             rows.len() as u64,
             encode(&batch, "streams", &range_tag)?,
+            column_ranges(&batch),
         ));
     }
     Ok(out)

@@ -1,0 +1,101 @@
+//! The query role's wiring: the engine over this process's archive and log, and the
+//! edge's control plane as its [`Access`] (same tokens, policy and audit chain).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cloudtap_edge::EdgeState;
+use cloudtap_edge::config::{EdgeConfig, QueryConfig};
+use cloudtap_edge::control::{Caller, ErrorKind};
+use cloudtap_query::flight::FlightSql;
+use cloudtap_query::service::{Access, QueryService};
+use cloudtap_query::{QueryEngine, QueryError, QuerySettings, Reader, Scope};
+use cloudtap_recorder::EventLog;
+use cloudtap_recorder::store::ObjectStore;
+
+/// The SQL text kept in a query's audit record, at most.
+const AUDIT_SQL_BYTES: usize = 4096;
+
+pub fn settings(q: &QueryConfig) -> QuerySettings {
+    QuerySettings {
+        timeout: Duration::from_secs(q.timeout_secs),
+        memory_limit: (q.memory_limit_mb * 1024 * 1024) as usize,
+        max_rows: q.max_rows,
+        max_tail_bytes: q.max_tail_mb * 1024 * 1024,
+        ..QuerySettings::default()
+    }
+}
+
+/// The engine over `archive_url` (read through the recorder's store for markers, and
+/// through object_store for Parquet) and `log`'s tail.
+pub fn engine(
+    cfg: &EdgeConfig,
+    archive_url: &str,
+    archive: Arc<dyn ObjectStore>,
+    log: Arc<dyn EventLog>,
+) -> anyhow::Result<Arc<QueryEngine>> {
+    let files = cloudtap_query::engine::datafusion_store(archive_url, &cfg.recorder.s3)?;
+    Ok(Arc::new(QueryEngine::new(
+        archive,
+        files,
+        Some(log),
+        settings(&cfg.query),
+    )?))
+}
+
+/// The control plane as the query service's gatekeeper.
+pub struct EdgeAccess(pub Arc<EdgeState>);
+
+#[async_trait]
+impl Access for EdgeAccess {
+    async fn reader(&self, authorization: Option<&str>) -> Result<Reader, QueryError> {
+        let caller = Caller::from_authorization(authorization);
+        let grant = self
+            .0
+            .read_grant(&caller, "query")
+            .await
+            .map_err(|r| match r.kind() {
+                ErrorKind::Unauthenticated => QueryError::Unauthenticated(r.to_string()),
+                _ => QueryError::Forbidden(r.to_string()),
+            })?;
+        let scope = if grant.all {
+            Scope::All
+        } else {
+            Scope::Sessions {
+                identity: grant.identity.clone(),
+                targets: grant.targets,
+            }
+        };
+        Ok(Reader {
+            identity: grant.identity,
+            scope,
+        })
+    }
+
+    async fn record(&self, reader: &Reader, via: &str, sql: &str, outcome: &str) {
+        let mut end = sql.len().min(AUDIT_SQL_BYTES);
+        while !sql.is_char_boundary(end) {
+            end -= 1;
+        }
+        let cut = if end < sql.len() { " (cut)" } else { "" };
+        self.0
+            .audit(
+                &reader.identity,
+                "query",
+                format!("via={via} outcome={outcome} sql={}{cut}", &sql[..end]),
+            )
+            .await;
+    }
+}
+
+/// The query service's HTTP routes and gRPC services (QueryService and Flight SQL),
+/// authenticated by `state`.
+pub fn mounts(engine: Arc<QueryEngine>, state: Arc<EdgeState>) -> cloudtap_edge::Mounts {
+    let svc = QueryService::new(engine, Arc::new(EdgeAccess(state)));
+    let flight = FlightSql::new(svc.clone());
+    cloudtap_edge::Mounts {
+        http: Some(svc.router()),
+        grpc: Some(tonic::service::Routes::new(svc.grpc()).add_service(flight.grpc())),
+    }
+}
