@@ -54,15 +54,7 @@ fn query_sessions_and_flight_sql_over_a_live_capture() {
     let data = tempfile::tempdir().unwrap();
     let d = Daemon::start("all", data.path(), &[]);
 
-    let mut proxy = cloudtapctl(data.path())
-        .args(["-o", "json", "proxy", "demo-service"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = lines(proxy.stdout.take().unwrap());
-    let first: serde_json::Value = serde_json::from_str(&next(&out, "proxy's first line")).unwrap();
-    let local = first["local_addr"].as_str().unwrap().to_owned();
+    let (mut proxy, _, local) = start_proxy(data.path(), "demo-service");
     assert!(http_get(&local, "/").starts_with("HTTP/1.1 200"));
     assert!(http_get(&local, "/status/503").starts_with("HTTP/1.1 503"));
     assert!(http_get(&local, "/echo?token=query-secret&x=1").starts_with("HTTP/1.1 200"));
@@ -287,15 +279,7 @@ print(json.dumps(rows))
 fn the_query_role_runs_alone_on_what_an_edge_left() {
     let data = tempfile::tempdir().unwrap();
     let d = Daemon::start("all", data.path(), &[]);
-    let mut proxy = cloudtapctl(data.path())
-        .args(["-o", "json", "proxy", "demo-service"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = lines(proxy.stdout.take().unwrap());
-    let first: serde_json::Value = serde_json::from_str(&next(&out, "proxy's first line")).unwrap();
-    let local = first["local_addr"].as_str().unwrap().to_owned();
+    let (mut proxy, _, local) = start_proxy(data.path(), "demo-service");
     assert!(http_get(&local, "/status/502").starts_with("HTTP/1.1 502"));
     wait_for(data.path(), REQUESTS, "the exchange", |r| r.len() == 1);
     let (code, token, err) = run(cloudtapctl(data.path()).args([

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::process::{ChildStdout, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 
 use common::*;
@@ -51,16 +51,7 @@ fn tail_and_proxy_print_the_requests_of_a_running_tunnel_in_order() {
         }
     }
 
-    let mut proxy = cloudtapctl(data.path())
-        .args(["-o", "json", "proxy", "demo-service"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let proxy_out: mpsc::Receiver<String> = lines::<ChildStdout>(proxy.stdout.take().unwrap());
-    let first: serde_json::Value =
-        serde_json::from_str(&next(&proxy_out, "proxy's first line")).unwrap();
-    let local = first["local_addr"].as_str().unwrap().to_owned();
+    let (mut proxy, proxy_out, local) = start_proxy(data.path(), "demo-service");
 
     assert!(http_get(&local, "/").starts_with("HTTP/1.1 200"));
     assert!(http_get(&local, "/status/418").starts_with("HTTP/1.1 418"));

@@ -181,3 +181,21 @@ pub fn next(rx: &std::sync::mpsc::Receiver<String>, what: &str) -> String {
     rx.recv_timeout(Duration::from_secs(20))
         .unwrap_or_else(|_| panic!("no {what} within 20 s"))
 }
+
+/// `cloudtapctl -o json proxy TARGET`, started and past its first line: the child,
+/// its further stdout lines, and the local address it forwards.
+pub fn start_proxy(
+    data_dir: &Path,
+    target: &str,
+) -> (Child, std::sync::mpsc::Receiver<String>, String) {
+    let mut proxy = cloudtapctl(data_dir)
+        .args(["-o", "json", "proxy", target])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = lines(proxy.stdout.take().unwrap());
+    let first: serde_json::Value = serde_json::from_str(&next(&out, "proxy's first line")).unwrap();
+    let local = first["local_addr"].as_str().unwrap().to_owned();
+    (proxy, out, local)
+}
