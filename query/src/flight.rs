@@ -29,7 +29,7 @@ use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
 use crate::service::QueryService;
-use crate::{QueryError, QueryOutput};
+use crate::{QueryError, QueryOutput, Reader};
 
 /// How long a started statement waits for the `DoGet` that fetches it.
 pub const TICKET_TTL: Duration = Duration::from_secs(60);
@@ -85,6 +85,14 @@ impl FlightSql {
         FlightServiceServer::new(self)
     }
 
+    /// The reader a Flight call's `authorization` header names.
+    async fn reader_of<T>(&self, request: &Request<T>) -> Result<Reader, Status> {
+        self.service
+            .reader(authorization(request).as_deref())
+            .await
+            .map_err(|e| e.to_status())
+    }
+
     fn park(&self, identity: String, output: QueryOutput) -> Uuid {
         let handle = Uuid::now_v7();
         let mut pending = self.pending.lock().expect("pending poisoned");
@@ -114,11 +122,8 @@ impl FlightSqlService for FlightSql {
         Status,
     > {
         // Only bearer tokens: check it now so a bad one fails at connect time.
+        self.reader_of(&request).await?;
         let auth = authorization(&request);
-        self.service
-            .reader(auth.as_deref())
-            .await
-            .map_err(|e| e.to_status())?;
         let reply = HandshakeResponse {
             protocol_version: 0,
             payload: Default::default(),
@@ -137,12 +142,7 @@ impl FlightSqlService for FlightSql {
         query: CommandStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let auth = authorization(&request);
-        let reader = self
-            .service
-            .reader(auth.as_deref())
-            .await
-            .map_err(|e| e.to_status())?;
+        let reader = self.reader_of(&request).await?;
         let output = self
             .service
             .run_as(&reader, "flight_sql", &query.query, None)
@@ -169,12 +169,7 @@ impl FlightSqlService for FlightSql {
         ticket: TicketStatementQuery,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        let auth = authorization(&request);
-        let reader = self
-            .service
-            .reader(auth.as_deref())
-            .await
-            .map_err(|e| e.to_status())?;
+        let reader = self.reader_of(&request).await?;
         let handle = Uuid::from_slice(&ticket.statement_handle)
             .map_err(|_| Status::invalid_argument("not a cloudtap statement ticket"))?;
         let pending = self
@@ -211,11 +206,7 @@ impl FlightSqlService for FlightSql {
         query: CommandGetSqlInfo,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let auth = authorization(&request);
-        self.service
-            .reader(auth.as_deref())
-            .await
-            .map_err(|e| e.to_status())?;
+        self.reader_of(&request).await?;
         let ticket = Ticket::new(query.as_any().encode_to_vec());
         let info = FlightInfo::new()
             .try_with_schema(query.into_builder(&SQL_INFO).schema().as_ref())
@@ -230,11 +221,7 @@ impl FlightSqlService for FlightSql {
         query: CommandGetSqlInfo,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        let auth = authorization(&request);
-        self.service
-            .reader(auth.as_deref())
-            .await
-            .map_err(|e| e.to_status())?;
+        self.reader_of(&request).await?;
         let builder = query.into_builder(&SQL_INFO);
         let schema = builder.schema();
         let batch = builder.build();
