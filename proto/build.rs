@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "tunnel/v1/tunnel.proto",
         "log/v1/record.proto",
         "query/v1/query.proto",
+        "replay/v1/replay.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

@@ -150,6 +150,7 @@ async fn generate(dir: PathBuf, want_bytes: u64) {
                     client_cert_sha256: String::new(),
                     token_id: String::new(),
                     on_log_backpressure: "block".into(),
+                    replay_of: String::new(),
                 }),
             ));
             batch.push(w.seal(

@@ -22,6 +22,7 @@ use pb::tunnel_service_client::TunnelServiceClient;
 use crate::{http_client, paths};
 
 mod query_cmd;
+mod replay_cmd;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -128,6 +129,9 @@ pub enum Cmd {
     /// Captured sessions: list them, or show one.
     #[command(subcommand)]
     Sessions(query_cmd::SessionsCmd),
+    /// Re-send a captured session through the edge and show what changed (exit 1
+    /// when something did). Needs read rights on the session and access to the target.
+    Replay(replay_cmd::ReplayArgs),
     /// Print HTTP and gRPC exchanges as they happen (time, target, method, path,
     /// status, latency), for the sessions you may read.
     Tail {
@@ -258,7 +262,7 @@ struct CachedToken {
 /// The control plane, over whichever transport could be reached.
 #[derive(Clone)]
 enum Control {
-    Grpc(TunnelServiceClient<Channel>),
+    Grpc(TunnelServiceClient<Channel>, Channel),
     Http(String),
 }
 
@@ -277,7 +281,7 @@ async fn connect(ctx: &Ctx) -> Control {
         ep.connect().await
     };
     match attempt.await {
-        Ok(ch) => Control::Grpc(TunnelServiceClient::new(ch)),
+        Ok(ch) => Control::Grpc(TunnelServiceClient::new(ch.clone()), ch),
         Err(e) => {
             let http = ctx.http_url();
             eprintln!(
@@ -349,12 +353,14 @@ impl Control {
         &mut self,
         token: &str,
         target: &str,
+        replay_of: &str,
     ) -> Result<pb::OpenTunnelResponse, CallError> {
         match self {
-            Control::Grpc(c) => c
+            Control::Grpc(c, _) => c
                 .open_tunnel(with_bearer(
                     pb::OpenTunnelRequest {
                         target: target.into(),
+                        replay_of: replay_of.into(),
                     },
                     token,
                 ))
@@ -369,6 +375,7 @@ impl Control {
                     token,
                     Some(&cloudtap_edge::http::OpenTunnelBody {
                         target: target.into(),
+                        replay_of: replay_of.into(),
                     }),
                 )
                 .await?;
@@ -385,13 +392,48 @@ impl Control {
         }
     }
 
+    /// Hands a replay run's findings to the edge (`ReplayService.Record`).
+    async fn record_replay(
+        &mut self,
+        token: &str,
+        report: cloudtap_edge::replays::ReplayReport,
+    ) -> Result<cloudtap_edge::replays::Recorded, CallError> {
+        match self {
+            Control::Grpc(_, ch) => {
+                use cloudtap_proto::replay::v1 as rpb;
+                let mut c = rpb::replay_service_client::ReplayServiceClient::new(ch.clone())
+                    .max_encoding_message_size(64 << 20);
+                let r = c
+                    .record(with_bearer(
+                        rpb::RecordRequest {
+                            source_session: report.source_session,
+                            replay_session: report.replay_session,
+                            target: report.target,
+                            diffs: report.diffs.into_iter().map(Into::into).collect(),
+                        },
+                        token,
+                    ))
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                Ok(cloudtap_edge::replays::Recorded {
+                    run_id: r.run_id,
+                    records: r.records,
+                })
+            }
+            Control::Http(base) => {
+                Self::http(base, "POST", "/v1/replays", token, Some(&report)).await
+            }
+        }
+    }
+
     async fn renew(
         &mut self,
         session_token: &str,
         session_id: &str,
     ) -> Result<pb::RenewTokenResponse, CallError> {
         match self {
-            Control::Grpc(c) => c
+            Control::Grpc(c, _) => c
                 .renew_token(with_bearer(
                     pb::RenewTokenRequest {
                         session_id: session_id.into(),
@@ -423,7 +465,7 @@ impl Control {
 
     async fn close(&mut self, token: &str, selector: &str) -> Result<Vec<String>, CallError> {
         match self {
-            Control::Grpc(c) => c
+            Control::Grpc(c, _) => c
                 .close_tunnel(with_bearer(
                     pb::CloseTunnelRequest {
                         selector: selector.into(),
@@ -457,7 +499,7 @@ impl Control {
         filter: pb::WatchEventsRequest,
     ) -> Result<tonic::Streaming<pb::Event>, CallError> {
         match self {
-            Control::Grpc(c) => c
+            Control::Grpc(c, _) => c
                 .watch_events(with_bearer(filter, token))
                 .await
                 .map(|r| r.into_inner())
@@ -476,7 +518,7 @@ impl Control {
         token: &str,
     ) -> Result<Vec<cloudtap_edge::http::TargetInfo>, CallError> {
         match self {
-            Control::Grpc(c) => c
+            Control::Grpc(c, _) => c
                 .list_targets(with_bearer(pb::ListTargetsRequest {}, token))
                 .await
                 .map(|r| {
@@ -501,7 +543,7 @@ impl Control {
         req: pb::IssueTokenRequest,
     ) -> Result<pb::IssueTokenResponse, CallError> {
         match self {
-            Control::Grpc(c) => c
+            Control::Grpc(c, _) => c
                 .issue_token(with_bearer(req, token))
                 .await
                 .map(|r| r.into_inner())
@@ -532,7 +574,7 @@ impl Control {
         reason: &str,
     ) -> Result<pb::RevokeTokenResponse, CallError> {
         match self {
-            Control::Grpc(c) => c
+            Control::Grpc(c, _) => c
                 .revoke_token(with_bearer(
                     pb::RevokeTokenRequest {
                         token_id: token_id.into(),
@@ -797,6 +839,7 @@ pub async fn main(cli: Cli) -> CtlResult<()> {
             max_rows,
         } => query_cmd::query(&ctx, &sql, file, max_rows).await,
         Cmd::Sessions(cmd) => query_cmd::sessions(&ctx, cmd).await,
+        Cmd::Replay(args) => replay_cmd::replay(&ctx, args).await,
         Cmd::Tail { session, target } => {
             let control = connect(&ctx).await;
             let filter = pb::WatchEventsRequest {
@@ -965,7 +1008,7 @@ async fn proxy(ctx: &Ctx, target: &str, local_addr: SocketAddr) -> CtlResult<()>
     let mut announced = false;
     loop {
         let opened = with_token(ctx, &control, |mut c, t| async move {
-            c.open_tunnel(&t, target).await
+            c.open_tunnel(&t, target, "").await
         })
         .await;
         let resp = match opened {

@@ -88,6 +88,7 @@ async fn crash_mid_transfer(mode: &str) -> (Vec<u8>, Vec<u8>) {
     .unwrap();
     let mut req = tonic::Request::new(pb::OpenTunnelRequest {
         target: "hose".into(),
+        ..Default::default()
     });
     req.metadata_mut().insert(
         "authorization",

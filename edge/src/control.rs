@@ -330,11 +330,29 @@ impl EdgeState {
         Ok(issued)
     }
 
+    /// Opens a session to `target`. `replay_of` names the session a replay re-sends;
+    /// it is recorded on the new session as the replayer's statement (the replayer
+    /// could only read that session's traffic through the query service, which scopes
+    /// it; the edge does not look it up).
     pub async fn open_tunnel(
         &self,
         caller: &Caller,
         target: &str,
+        replay_of: &str,
     ) -> Result<pb::OpenTunnelResponse, Refusal> {
+        let replay_of = if replay_of.is_empty() {
+            String::new()
+        } else {
+            Uuid::parse_str(replay_of)
+                .map_err(|_| {
+                    Refusal::new(
+                        "invalid_argument",
+                        format!("replay_of {replay_of:?} is not a session id (a UUID)"),
+                    )
+                })?
+                .hyphenated()
+                .to_string()
+        };
         let claims = self.authenticate(caller, "open_tunnel", target).await?;
         let cert = claims.cnf.clone().unwrap_or_default();
         let check = || -> Result<Backpressure, Refusal> {
@@ -380,7 +398,7 @@ impl EdgeState {
         let opened = check().and_then(|backpressure| {
             let session_id = Uuid::now_v7();
             let issued = self.session_token(&claims, session_id, target);
-            let session = Arc::new(Session::new(
+            let mut session = Session::new(
                 session_id,
                 target.into(),
                 claims.sub.clone(),
@@ -389,7 +407,9 @@ impl EdgeState {
                 backpressure,
                 issued.token_id.clone(),
                 issued.expires_unix,
-            ));
+            );
+            session.replay_of = replay_of.clone();
+            let session = Arc::new(session);
             if self
                 .sessions
                 .insert_below(session.clone(), self.cfg.limits.max_tunnels)
@@ -753,13 +773,16 @@ impl EdgeState {
             .filter(|s| s.uses_token(token_id))
             .map(|s| s.id.to_string())
             .collect();
-        self.edge_record(Body::Control(Control {
+        let control = Control {
             action: ControlAction::Revoke,
             subject: token_id.into(),
             reason: reason.into(),
             actor: admin.sub,
-        }))
-        .await;
+        };
+        self.edge_record(Body::Control(control.clone())).await;
+        // This edge refuses the token as soon as the call returns; the others (and this
+        // one again, harmlessly) when they read the record back from the log.
+        self.apply_control(&control);
         Ok(pb::RevokeTokenResponse {
             token_id: token_id.into(),
             session_ids: affected,

@@ -8,8 +8,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use cloudtap_proto::replay::v1 as rpb;
 use cloudtap_proto::tunnel::v1 as pb;
 use pb::tunnel_service_server::{TunnelService, TunnelServiceServer};
+use rpb::replay_service_server::{ReplayService, ReplayServiceServer};
 
 use crate::EdgeState;
 use crate::control::{Caller, Refusal};
@@ -31,6 +33,38 @@ pub fn service(state: Arc<EdgeState>) -> TunnelServiceServer<Service> {
     TunnelServiceServer::new(Service { state })
 }
 
+/// `cloudtap.replay.v1.ReplayService`: where replay runs record their findings.
+pub fn replay_service(state: Arc<EdgeState>) -> ReplayServiceServer<ReplayRecorder> {
+    // A run's findings are at most MAX_FINDINGS of a few KiB each.
+    ReplayServiceServer::new(ReplayRecorder { state }).max_decoding_message_size(64 << 20)
+}
+
+pub struct ReplayRecorder {
+    state: Arc<EdgeState>,
+}
+
+#[tonic::async_trait]
+impl ReplayService for ReplayRecorder {
+    async fn record(
+        &self,
+        req: Request<rpb::RecordRequest>,
+    ) -> Result<Response<rpb::RecordResponse>, Status> {
+        let c = caller(&req);
+        let r = req.into_inner();
+        let report = crate::replays::ReplayReport {
+            source_session: r.source_session,
+            replay_session: r.replay_session,
+            target: r.target,
+            diffs: r.diffs.into_iter().map(Into::into).collect(),
+        };
+        let done = self.state.record_replay(&c, report).await?;
+        Ok(Response::new(rpb::RecordResponse {
+            run_id: done.run_id,
+            records: done.records,
+        }))
+    }
+}
+
 pub async fn serve(
     state: Arc<EdgeState>,
     listener: TcpListener,
@@ -41,7 +75,9 @@ pub async fn serve(
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let mut routes = extra.unwrap_or_default();
     if edge {
-        routes = routes.add_service(service(state));
+        routes = routes
+            .add_service(replay_service(state.clone()))
+            .add_service(service(state));
     }
     if let Err(e) = tonic::transport::Server::builder()
         .add_routes(routes)
@@ -61,8 +97,9 @@ impl TunnelService for Service {
         req: Request<pb::OpenTunnelRequest>,
     ) -> Result<Response<pb::OpenTunnelResponse>, Status> {
         let c = caller(&req);
+        let r = req.into_inner();
         Ok(Response::new(
-            self.state.open_tunnel(&c, &req.into_inner().target).await?,
+            self.state.open_tunnel(&c, &r.target, &r.replay_of).await?,
         ))
     }
 
@@ -283,6 +320,10 @@ pub fn to_event(r: &LiveRecord) -> pb::Event {
         Body::Control(c) => format!("control {} {} by {}", c.action.as_str(), c.subject, c.actor),
         Body::Audit(a) => format!("{} by {}: {}", a.action, a.actor, a.detail),
         Body::HttpExchange(x) => crate::mirror::summary(x),
+        Body::ReplayDiff(d) => format!(
+            "replay of {}: {} {} {} {}",
+            d.source_session, d.kind, d.method, d.path, d.field
+        ),
     };
     pb::Event {
         kind: r.record.kind().into(),

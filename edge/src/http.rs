@@ -32,6 +32,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/targets"),
     ("POST", "/v1/tokens"),
     ("POST", "/v1/tokens/revoke"),
+    ("POST", "/v1/replays"),
     ("GET", "/v1/events"),
     ("GET", "/v1/events/ws"),
     ("GET", "/healthz"),
@@ -49,6 +50,10 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .route("/targets", get(targets))
         .route("/v1/tokens", post(issue))
         .route("/v1/tokens/revoke", post(revoke))
+        .route(
+            "/v1/replays",
+            post(record_replay).layer(axum::extract::DefaultBodyLimit::max(64 << 20)),
+        )
         .route("/v1/events", get(events))
         .route("/v1/events/ws", get(events_ws))
         .route("/healthz", get(healthz))
@@ -150,6 +155,9 @@ fn parse<T: serde::de::DeserializeOwned>(body: &axum::body::Bytes) -> Result<T, 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct OpenTunnelBody {
     pub target: String,
+    /// The session a replay re-sends (`cloudtapctl replay`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub replay_of: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -184,8 +192,19 @@ async fn open_tunnel(
 ) -> Result<Json<OpenTunnelReply>, ApiFailure> {
     let b: OpenTunnelBody = parse(&body)?;
     Ok(Json(
-        s.open_tunnel(&caller(&headers), &b.target).await?.into(),
+        s.open_tunnel(&caller(&headers), &b.target, &b.replay_of)
+            .await?
+            .into(),
     ))
+}
+
+async fn record_replay(
+    State(s): State<Arc<EdgeState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<crate::replays::Recorded>, ApiFailure> {
+    let b: crate::replays::ReplayReport = parse(&body)?;
+    Ok(Json(s.record_replay(&caller(&headers), b).await?))
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -38,6 +38,7 @@ pub mod mux;
 pub mod otlp;
 pub mod pki;
 pub mod policy;
+pub mod replays;
 mod session;
 pub mod tap;
 pub mod token;

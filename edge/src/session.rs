@@ -34,6 +34,8 @@ pub struct Session {
     pub bytes_up: AtomicU64,
     pub bytes_down: AtomicU64,
     pub streams: AtomicU64,
+    /// The session this one re-sends (`cloudtapctl replay`); empty otherwise.
+    pub replay_of: String,
 }
 
 impl Session {
@@ -63,6 +65,7 @@ impl Session {
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
             streams: AtomicU64::new(0),
+            replay_of: String::new(),
         }
     }
 

@@ -915,6 +915,7 @@ impl EdgeState {
             client_cert_sha256: session.cert_fingerprint.clone().unwrap_or_default(),
             token_id: session.user_token_id.clone(),
             on_log_backpressure: session.backpressure.as_str().into(),
+            replay_of: session.replay_of.clone(),
         });
         self.tap
             .record(session.id, opened, Backpressure::Strict, &session.gaps)

@@ -92,6 +92,7 @@ async fn expired_forged_and_wrong_target_tokens_are_refused_and_recorded() {
         .await
         .open_tunnel(pb::OpenTunnelRequest {
             target: "echo".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

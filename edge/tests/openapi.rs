@@ -245,6 +245,45 @@ async fn the_live_api_answers_as_documented() {
         Some(serde_json::json!({"session_id": opened["session_id"]})),
     );
     assert_eq!(s, 200, "{renewed}");
+    // A replay of that session records its findings on a chain of the run's own.
+    let source = opened["session_id"].as_str().unwrap().to_owned();
+    let (s, replaying) = call(
+        "POST",
+        "/v1/proxy",
+        Some(&token),
+        Some(serde_json::json!({"target": "demo-service", "replay_of": source})),
+    );
+    assert_eq!(s, 200, "{replaying}");
+    let report = |replay_session: &Value| {
+        serde_json::json!({
+            "source_session": source, "replay_session": replay_session, "target": "demo-service",
+            "diffs": [{
+                "source_session": "", "replay_session": "", "target": "", "stream_id": 0,
+                "exchange_index": 0, "method": "GET", "path": "/", "kind": "status",
+                "field": "status", "expected": "200", "actual": "503", "note": ""
+            }]
+        })
+    };
+    let (s, recorded) = call(
+        "POST",
+        "/v1/replays",
+        Some(&token),
+        Some(report(&replaying["session_id"])),
+    );
+    assert_eq!(s, 200, "{recorded}");
+    assert_eq!(recorded["records"], 1);
+    // Findings about a session that is no replay are refused.
+    let (s, v) = call(
+        "POST",
+        "/v1/replays",
+        Some(&token),
+        Some(report(&opened["session_id"])),
+    );
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (400, Some("invalid_argument")),
+        "{v}"
+    );
     let (s, v) = call(
         "POST",
         "/v1/close",

@@ -1,5 +1,6 @@
 //! Generated protobuf and gRPC code for cloudtap: the control plane
-//! (`cloudtap.tunnel.v1`), the query service (`cloudtap.query.v1`) and the traffic
+//! (`cloudtap.tunnel.v1`), the query service (`cloudtap.query.v1`), the replay service
+//! (`cloudtap.replay.v1`) and the traffic
 //! log's record envelope (`cloudtap.log.v1`).
 //! Nothing here is written by hand; the `.proto` files beside this crate are the source.
 
@@ -20,5 +21,11 @@ pub mod log {
 pub mod query {
     pub mod v1 {
         tonic::include_proto!("cloudtap.query.v1");
+    }
+}
+
+pub mod replay {
+    pub mod v1 {
+        tonic::include_proto!("cloudtap.replay.v1");
     }
 }

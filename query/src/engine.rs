@@ -36,12 +36,13 @@ use crate::tables::{
 };
 
 /// The tables and views a query can name, for error messages and `cloudtapctl`.
-pub const QUERYABLE: [&str; 6] = [
+pub const QUERYABLE: [&str; 7] = [
     "sessions",
     "streams",
     "events",
     "frames",
     "http_exchanges",
+    "replay_diffs",
     "requests",
 ];
 
@@ -320,11 +321,18 @@ impl QueryEngine {
             let ids = sessions
                 .clone()
                 .select(vec![col("session_id").alias("visible_session_id")])?;
-            for (_, df) in frames.iter_mut() {
+            for (table, df) in frames.iter_mut() {
+                // A replay run is not a session: its findings are as visible as the
+                // session it replayed.
+                let key = if *table == "replay_diffs" {
+                    "source_session"
+                } else {
+                    "session_id"
+                };
                 *df = df.clone().join(
                     ids.clone(),
                     JoinType::LeftSemi,
-                    &["session_id"],
+                    &[key],
                     &["visible_session_id"],
                     None,
                 )?;

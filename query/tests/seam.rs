@@ -29,6 +29,7 @@ fn session(n: u64) -> Vec<cloudtap_schemas::Record> {
         client_cert_sha256: String::new(),
         token_id: String::new(),
         on_log_backpressure: "block".into(),
+        replay_of: String::new(),
     }))];
     for i in 0..(n % 7 + 1) {
         out.push(w.seal_now(Body::Frame(Frame {

@@ -535,6 +535,7 @@ impl ChainState {
                         streams: 0,
                         frames: 0,
                         records: 0,
+                        replay_of: o.replay_of.clone(),
                     },
                 );
                 true

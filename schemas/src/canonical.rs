@@ -9,7 +9,7 @@
 //! u64 seq
 //! i64 ts_unix_nanos
 //! 32  prev_hash
-//! u8  body tag (1 session_opened … 10 audit, see Body::tag)
+//! u8  body tag (1 session_opened … 12 replay_diff, see Body::tag)
 //! body fields in declaration order:
 //!   string / bytes  → u32 length + bytes
 //!   u64 / u32       → u64
@@ -70,6 +70,10 @@ pub fn canonical_encoding(r: &Record) -> Vec<u8> {
             e.str(&b.client_cert_sha256);
             e.str(&b.token_id);
             e.str(&b.on_log_backpressure);
+            // Added in schema 3; older records are hashed as they were written.
+            if r.schema_version >= 3 {
+                e.str(&b.replay_of);
+            }
         }
         Body::SessionClosed(b) => {
             e.str(b.reason.as_str());
@@ -172,6 +176,24 @@ pub fn canonical_encoding(r: &Record) -> Vec<u8> {
             e.str(&b.capture);
             e.u64(b.redaction_version as u64);
             e.str(&b.note);
+        }
+        Body::ReplayDiff(b) => {
+            for s in [&b.source_session, &b.replay_session, &b.target] {
+                e.str(s);
+            }
+            e.u64(b.stream_id);
+            e.u64(b.exchange_index);
+            for s in [
+                &b.method,
+                &b.path,
+                &b.kind,
+                &b.field,
+                &b.expected,
+                &b.actual,
+                &b.note,
+            ] {
+                e.str(s);
+            }
         }
     }
     e.0

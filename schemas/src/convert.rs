@@ -34,6 +34,7 @@ impl From<Record> for pb::Record {
                 client_cert_sha256: b.client_cert_sha256.clone(),
                 token_id: b.token_id,
                 on_log_backpressure: b.on_log_backpressure,
+                replay_of: b.replay_of,
             }),
             Body::SessionClosed(b) => B::SessionClosed(pb::SessionClosed {
                 reason: b.reason.as_str().into(),
@@ -93,6 +94,7 @@ impl From<Record> for pb::Record {
                 action: b.action,
                 detail: b.detail,
             }),
+            Body::ReplayDiff(b) => B::ReplayDiff((*b).into()),
         };
         pb::Record {
             chain_id: r.chain_id.as_bytes().to_vec(),
@@ -134,6 +136,7 @@ impl TryFrom<pb::Record> for Record {
                 client_cert_sha256: b.client_cert_sha256,
                 token_id: b.token_id,
                 on_log_backpressure: b.on_log_backpressure,
+                replay_of: b.replay_of,
             }),
             B::SessionClosed(b) => Body::SessionClosed(SessionClosed {
                 reason: CloseReason::parse(&b.reason)
@@ -196,6 +199,7 @@ impl TryFrom<pb::Record> for Record {
                 action: b.action,
                 detail: b.detail,
             }),
+            B::ReplayDiff(b) => Body::ReplayDiff(Box::new(b.into())),
         };
         Ok(Record {
             chain_id: uuid("chain_id", &p.chain_id)?,
@@ -206,6 +210,44 @@ impl TryFrom<pb::Record> for Record {
             schema_version: p.schema_version,
             body,
         })
+    }
+}
+
+impl From<ReplayDiff> for pb::ReplayDiff {
+    fn from(b: ReplayDiff) -> Self {
+        pb::ReplayDiff {
+            source_session: b.source_session,
+            replay_session: b.replay_session,
+            target: b.target,
+            stream_id: b.stream_id,
+            exchange_index: b.exchange_index,
+            method: b.method,
+            path: b.path,
+            kind: b.kind,
+            field: b.field,
+            expected: b.expected,
+            actual: b.actual,
+            note: b.note,
+        }
+    }
+}
+
+impl From<pb::ReplayDiff> for ReplayDiff {
+    fn from(b: pb::ReplayDiff) -> Self {
+        ReplayDiff {
+            source_session: b.source_session,
+            replay_session: b.replay_session,
+            target: b.target,
+            stream_id: b.stream_id,
+            exchange_index: b.exchange_index,
+            method: b.method,
+            path: b.path,
+            kind: b.kind,
+            field: b.field,
+            expected: b.expected,
+            actual: b.actual,
+            note: b.note,
+        }
     }
 }
 
@@ -263,6 +305,7 @@ pub fn peek_kind(bytes: &[u8]) -> Option<&'static str> {
             18 => Some("control"),
             19 => Some("audit"),
             20 => Some("http_exchange"),
+            21 => Some("replay_diff"),
             _ => kind,
         };
     }
@@ -376,7 +419,7 @@ mod tests {
     fn arb_body() -> impl Strategy<Value = Body> {
         let s = || "[a-z0-9_.:-]{0,12}";
         prop_oneof![
-            (s(), s(), s(), s(), s(), s(), s()).prop_map(|(a, b, c, d, e, f, g)| {
+            (s(), s(), s(), s(), s(), s(), s(), s()).prop_map(|(a, b, c, d, e, f, g, h)| {
                 Body::SessionOpened(SessionOpened {
                     edge: a,
                     edge_chain_id: Uuid::now_v7(),
@@ -386,8 +429,27 @@ mod tests {
                     client_cert_sha256: e,
                     token_id: f,
                     on_log_backpressure: g,
+                    replay_of: h,
                 })
             }),
+            (s(), s(), s(), s(), s(), any::<u64>(), any::<u64>()).prop_map(
+                |(a, b, c, d, e, n, m)| {
+                    Body::ReplayDiff(Box::new(ReplayDiff {
+                        source_session: a,
+                        replay_session: b.clone(),
+                        target: c,
+                        stream_id: n,
+                        exchange_index: m,
+                        method: d.clone(),
+                        path: e.clone(),
+                        kind: b,
+                        field: d,
+                        expected: e,
+                        actual: String::new(),
+                        note: "n".into(),
+                    }))
+                }
+            ),
             (
                 0..CloseReason::ALL.len(),
                 s(),

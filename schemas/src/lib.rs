@@ -23,7 +23,7 @@ pub use model::*;
 /// Version of the canonical encoding (and of the record schema). Bump it when a field
 /// is added; old versions stay verifiable.
 /// 2: `http_exchange` records.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Errors of the event model.
 #[derive(Debug, thiserror::Error)]

@@ -61,6 +61,7 @@ pub enum Body {
     Audit(Audit),
     /// Boxed: exchanges are large and rare next to frames.
     HttpExchange(Box<HttpExchange>),
+    ReplayDiff(Box<ReplayDiff>),
 }
 
 impl Body {
@@ -77,6 +78,7 @@ impl Body {
             Body::Control(_) => "control",
             Body::Audit(_) => "audit",
             Body::HttpExchange(_) => "http_exchange",
+            Body::ReplayDiff(_) => "replay_diff",
         }
     }
 
@@ -94,6 +96,7 @@ impl Body {
             Body::Control(_) => 9,
             Body::Audit(_) => 10,
             Body::HttpExchange(_) => 11,
+            Body::ReplayDiff(_) => 12,
         }
     }
 }
@@ -111,6 +114,8 @@ pub struct SessionOpened {
     pub client_cert_sha256: String,
     pub token_id: String,
     pub on_log_backpressure: String,
+    /// The session this one re-sends (`cloudtapctl replay`); empty otherwise. Schema 3.
+    pub replay_of: String,
 }
 
 /// Why a session ended (DESIGN: "A tunnel, step by step").
@@ -404,5 +409,33 @@ pub struct BodyCapture {
     pub truncated: bool,
     /// Why `content` is absent or partial ("binary body", "unknown content-encoding
     /// br", …); empty otherwise.
+    pub note: String,
+}
+
+/// One finding of a replay run, appended to the run's own chain: a difference between
+/// the recorded and the replayed traffic, a request skipped or sent without what
+/// redaction removed, or the run's closing summary.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayDiff {
+    /// The session that was replayed.
+    pub source_session: String,
+    /// The session the re-sent traffic was recorded as; empty for a dry run.
+    pub replay_session: String,
+    pub target: String,
+    /// The source stream, and the exchange on it, this finding is about.
+    pub stream_id: u64,
+    pub exchange_index: u64,
+    /// The request (empty for opaque streams and the summary).
+    pub method: String,
+    pub path: String,
+    /// `status`, `header`, `body`, `bytes` (differences), `failed` (no answer),
+    /// `skipped`, `not_restored` or `summary`.
+    pub kind: String,
+    /// Where: a JSON path (`$.items[2].price`), a header name, a byte offset.
+    pub field: String,
+    /// What was recorded and what came back this time (each at most 1 KiB).
+    pub expected: String,
+    pub actual: String,
     pub note: String,
 }

@@ -28,16 +28,26 @@ use uuid::Uuid;
 use crate::model::*;
 
 mod exchanges;
+mod replay_diffs;
 pub use exchanges::{http_exchanges_batch, http_exchanges_schema};
+pub use replay_diffs::{replay_diffs_batch, replay_diffs_schema};
 
 /// Version of the table schemas; bumped when a column is added.
 /// 2: the `http_exchanges` table.
-pub const TABLES_VERSION: u32 = 2;
+/// 3: the `replay_diffs` table; `replay_of` on `events` and `sessions`.
+pub const TABLES_VERSION: u32 = 3;
 /// Key of the schema version in each Parquet file's key-value metadata.
 pub const VERSION_KEY: &str = "cloudtap.tables_version";
 
 /// The tables the recorder writes.
-pub const TABLES: [&str; 5] = ["sessions", "streams", "events", "frames", "http_exchanges"];
+pub const TABLES: [&str; 6] = [
+    "sessions",
+    "streams",
+    "events",
+    "frames",
+    "http_exchanges",
+    "replay_diffs",
+];
 
 fn ts() -> DataType {
     DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()))
@@ -113,6 +123,8 @@ pub fn events_schema() -> SchemaRef {
         f.push(Field::new(c, DataType::UInt64, true));
     }
     f.push(Field::new("allowed", DataType::Boolean, true));
+    // Table schema 3.
+    f.push(Field::new("replay_of", DataType::Utf8, true));
     Arc::new(Schema::new(f))
 }
 
@@ -135,6 +147,8 @@ pub fn sessions_schema() -> SchemaRef {
         Field::new("streams", DataType::UInt64, false),
         Field::new("frames", DataType::UInt64, false),
         Field::new("records", DataType::UInt64, false),
+        // Table schema 3: the session this one replays, null when it is no replay.
+        Field::new("replay_of", DataType::Utf8, true),
     ]))
 }
 
@@ -163,6 +177,7 @@ pub fn schema_of(table: &str) -> Option<SchemaRef> {
         "events" => Some(events_schema()),
         "frames" => Some(frames_schema()),
         "http_exchanges" => Some(http_exchanges_schema()),
+        "replay_diffs" => Some(replay_diffs_schema()),
         _ => None,
     }
 }
@@ -172,6 +187,7 @@ pub fn table_of(r: &Record) -> &'static str {
     match r.body {
         Body::Frame(_) => "frames",
         Body::HttpExchange(_) => "http_exchanges",
+        Body::ReplayDiff(_) => "replay_diffs",
         _ => "events",
     }
 }
@@ -271,6 +287,7 @@ struct EventRow<'a> {
     s: [Option<&'a str>; EVENT_STR.len()],
     n: [Option<u64>; EVENT_U64.len()],
     allowed: Option<bool>,
+    replay_of: Option<&'a str>,
 }
 
 impl<'a> EventRow<'a> {
@@ -302,6 +319,7 @@ fn event_row<'a>(body: &'a Body, edge_chain: &'a str) -> EventRow<'a> {
             row.s("client_cert_sha256", &b.client_cert_sha256);
             row.s("token_id", &b.token_id);
             row.s("on_log_backpressure", &b.on_log_backpressure);
+            row.replay_of = (!b.replay_of.is_empty()).then_some(b.replay_of.as_str());
         }
         Body::SessionClosed(b) => {
             row.s("reason", b.reason.as_str());
@@ -353,8 +371,8 @@ fn event_row<'a>(body: &'a Body, edge_chain: &'a str) -> EventRow<'a> {
             row.s("action", &b.action);
             row.s("detail", &b.detail);
         }
-        Body::Frame(_) | Body::HttpExchange(_) => {
-            unreachable!("events_batch refuses frames and exchanges")
+        Body::Frame(_) | Body::HttpExchange(_) | Body::ReplayDiff(_) => {
+            unreachable!("events_batch refuses frames, exchanges and replay diffs")
         }
     }
     row
@@ -376,6 +394,7 @@ pub fn events_batch<'a>(
         .map(|_| UInt64Builder::with_capacity(n))
         .collect();
     let mut allowed = arrow::array::BooleanBuilder::with_capacity(n);
+    let mut replay_of = StringBuilder::with_capacity(n, 0);
     for (r, on_session) in records {
         if table_of(r) != "events" {
             return Err(ArrowError::InvalidArgumentError(format!(
@@ -400,6 +419,7 @@ pub fn events_batch<'a>(
             b.append_option(v);
         }
         allowed.append_option(row.allowed);
+        replay_of.append_option(row.replay_of);
     }
     let mut cols = env.finish();
     cols.push(Arc::new(kind.finish()));
@@ -410,6 +430,7 @@ pub fn events_batch<'a>(
         cols.push(Arc::new(b.finish()));
     }
     cols.push(Arc::new(allowed.finish()));
+    cols.push(Arc::new(replay_of.finish()));
     RecordBatch::try_new(events_schema(), cols)
 }
 
@@ -433,6 +454,10 @@ pub struct SessionRow {
     pub streams: u64,
     pub frames: u64,
     pub records: u64,
+    /// Empty when the session is no replay. Defaulted: checkpoints written before
+    /// table schema 3 lack it.
+    #[serde(default)]
+    pub replay_of: String,
 }
 
 /// A closed stream's summary row.
@@ -490,6 +515,9 @@ pub fn sessions_batch(rows: &[SessionRow]) -> Result<RecordBatch, ArrowError> {
             u64s(rows, |r| r.streams),
             u64s(rows, |r| r.frames),
             u64s(rows, |r| r.records),
+            Arc::new(StringArray::from_iter(rows.iter().map(|r| {
+                (!r.replay_of.is_empty()).then_some(r.replay_of.as_str())
+            }))),
         ],
     )
 }
@@ -528,6 +556,7 @@ pub fn records_batch<'a>(
     match table {
         "frames" => frames_batch(records),
         "http_exchanges" => http_exchanges_batch(records),
+        "replay_diffs" => replay_diffs_batch(records),
         "events" => events_batch(records),
         other => Err(ArrowError::InvalidArgumentError(format!(
             "{other} is not a table of records"
@@ -535,7 +564,8 @@ pub fn records_batch<'a>(
     }
 }
 
-/// Reads records back from a `frames`, `events` or `http_exchanges` batch, finding columns by name.
+/// Reads records back from a `frames`, `events`, `http_exchanges` or `replay_diffs`
+/// batch, finding columns by name.
 /// Hashes are read, not recomputed: pass the result to [`crate::verify_chain`] to
 /// check them.
 pub fn records_from_batch(batch: &RecordBatch) -> Result<Vec<Record>, ArrowError> {
@@ -575,9 +605,13 @@ pub fn records_from_batch(batch: &RecordBatch) -> Result<Vec<Record>, ArrowError
         )),
     };
     let exchange_cols = exchanges::ExchangeCols::of(batch);
+    let diff_cols = replay_diffs::DiffCols::of(batch)?;
     let mut out = Vec::with_capacity(batch.num_rows());
     for i in 0..batch.num_rows() {
-        let body = if let Some(x) = &exchange_cols {
+        // Replay diffs first: they have an `exchange_index` column too.
+        let body = if let Some(d) = &diff_cols {
+            d.body_of(i)
+        } else if let Some(x) = &exchange_cols {
             x.body_of(i)?
         } else if let Some((stream, dir, off, len, payload)) = frame_cols {
             Body::Frame(Frame {
@@ -645,6 +679,13 @@ fn event_body(batch: &RecordBatch, i: usize) -> Result<Body, ArrowError> {
             client_cert_sha256: s("client_cert_sha256")?,
             token_id: s("token_id")?,
             on_log_backpressure: s("on_log_backpressure")?,
+            // Absent from files written before table schema 3, null on other kinds.
+            replay_of: batch
+                .column_by_name("replay_of")
+                .and_then(|a| a.as_any().downcast_ref::<StringArray>())
+                .filter(|a| !a.is_null(i))
+                .map(|a| a.value(i).to_owned())
+                .unwrap_or_default(),
         }),
         "session_closed" => Body::SessionClosed(SessionClosed {
             reason: CloseReason::parse(&s("reason")?)
@@ -728,6 +769,7 @@ mod tests {
                 client_cert_sha256: "ab".into(),
                 token_id: "t".into(),
                 on_log_backpressure: "block".into(),
+                replay_of: "0190b9a4-0000-7000-8000-000000000001".into(),
             }),
             Body::StreamOpened(StreamOpened {
                 stream_id: 1,
@@ -808,6 +850,20 @@ mod tests {
                 bytes_down: 2,
                 error: String::new(),
             }),
+            Body::ReplayDiff(Box::new(ReplayDiff {
+                source_session: "0190b9a4-0000-7000-8000-000000000001".into(),
+                replay_session: String::new(),
+                target: "api".into(),
+                stream_id: 1,
+                exchange_index: 0,
+                method: "GET".into(),
+                path: "/a".into(),
+                kind: "body".into(),
+                field: "$.price".into(),
+                expected: "1".into(),
+                actual: "2".into(),
+                note: String::new(),
+            })),
             Body::SessionClosed(SessionClosed {
                 reason: CloseReason::Normal,
                 detail: String::new(),
@@ -823,7 +879,7 @@ mod tests {
     fn every_kind_round_trips_through_its_table_and_keeps_its_hash() {
         let recs = sample();
         let mut back = Vec::new();
-        for table in ["frames", "events", "http_exchanges"] {
+        for table in ["frames", "events", "http_exchanges", "replay_diffs"] {
             let rows: Vec<_> = recs.iter().filter(|r| table_of(r) == table).collect();
             assert!(!rows.is_empty(), "the sample has no {table} row");
             let b = records_batch(table, rows.iter().map(|r| (*r, true))).unwrap();

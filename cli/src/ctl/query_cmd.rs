@@ -45,10 +45,10 @@ pub enum SessionsCmd {
 }
 
 /// A finished query: its batches and whether the row limit cut them.
-struct Answer {
+pub(super) struct Answer {
     schema: SchemaRef,
-    batches: Vec<RecordBatch>,
-    truncated: bool,
+    pub batches: Vec<RecordBatch>,
+    pub truncated: bool,
 }
 
 fn query_error(e: CallError) -> anyhow::Error {
@@ -185,7 +185,7 @@ async fn with_spinner<T>(fut: impl std::future::Future<Output = T>) -> T {
 
 /// Runs `sql` with the user's token, logging in once more if the cached token was
 /// refused as expired.
-async fn run(ctx: &Ctx, sql: &str, max_rows: u64) -> CtlResult<Answer> {
+pub(super) async fn run(ctx: &Ctx, sql: &str, max_rows: u64) -> CtlResult<Answer> {
     let token = user_token(ctx).await?;
     let first = with_spinner(run_once(ctx, &token, sql, max_rows)).await;
     match first {
@@ -285,7 +285,7 @@ pub async fn query(ctx: &Ctx, sql: &str, file: Option<PathBuf>, max_rows: u64) -
 }
 
 /// `'…'` with quotes doubled: a string literal safe to put in SQL.
-fn literal(s: &str) -> String {
+pub(super) fn literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
@@ -303,7 +303,7 @@ fn since_expr(since: &str) -> CtlResult<String> {
     )
 }
 
-fn session_id(id: &str) -> CtlResult<String> {
+pub(super) fn session_id(id: &str) -> CtlResult<String> {
     let u = uuid::Uuid::parse_str(id.trim()).with_context(|| {
         format!("{id:?} is not a session id (a UUID, as `sessions list` shows)")
     })?;

@@ -192,6 +192,7 @@ impl TestEdge {
             .open_tunnel(bearer(
                 pb::OpenTunnelRequest {
                     target: target.into(),
+                    ..Default::default()
                 },
                 token,
             ))

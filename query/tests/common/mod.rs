@@ -64,6 +64,7 @@ fn opened(identity: &str, target: &str) -> Body {
         client_cert_sha256: "ab".repeat(32),
         token_id: format!("tok-{identity}"),
         on_log_backpressure: "block".into(),
+        replay_of: String::new(),
     })
 }
 

@@ -1,0 +1,229 @@
+//! A captured session, rebuilt from its records for sending again.
+
+use std::collections::{BTreeMap, HashSet};
+
+use cloudtap_schemas::{Body, Direction, ExchangePhase, HttpExchange, Record};
+
+use crate::ReplayError;
+
+/// What a session sent and received, in the order it happened.
+#[derive(Debug, Clone)]
+pub struct Recording {
+    pub session_id: String,
+    pub identity: String,
+    pub target: String,
+    pub opened_at: i64,
+    /// HTTP exchanges and opaque streams, by start time.
+    pub items: Vec<Item>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Item {
+    /// One request and its recorded response (a `complete` exchange, or the `start`
+    /// of a long-lived one).
+    Http(Box<HttpExchange>),
+    Stream(OpaqueStream),
+}
+
+impl Item {
+    /// When it started, unix nanoseconds.
+    pub fn at(&self) -> i64 {
+        match self {
+            Item::Http(x) => x.start_unix_nanos,
+            Item::Stream(s) => s.opened_at,
+        }
+    }
+}
+
+/// A stream the edge did not parse as HTTP: its bytes, as captured at level `full`.
+#[derive(Debug, Clone, Default)]
+pub struct OpaqueStream {
+    pub stream_id: u64,
+    pub opened_at: i64,
+    pub protocol_hint: String,
+    /// Client → target chunks as forwarded, with the time each was seen.
+    pub up: Vec<(i64, Vec<u8>)>,
+    pub up_len: u64,
+    /// Target → client bytes as recorded.
+    pub down: Vec<u8>,
+    pub down_len: u64,
+    /// Some frames carry no payload (capture level `metadata`, or a parse failure).
+    pub missing_payload: bool,
+}
+
+impl Recording {
+    /// Rebuilds a session from its chain's records (any order; duplicates of a seq
+    /// are dropped, as every reader of the log does).
+    pub fn from_records(session: &str, records: &[Record]) -> Result<Self, ReplayError> {
+        if records.is_empty() {
+            return Err(ReplayError::NotFound(session.into()));
+        }
+        let mut records: Vec<&Record> = records.iter().collect();
+        records.sort_by_key(|r| r.seq);
+        records.dedup_by_key(|r| r.seq);
+        let opened = records
+            .iter()
+            .find_map(|r| match &r.body {
+                Body::SessionOpened(o) => Some((r.ts_unix_nanos, o)),
+                _ => None,
+            })
+            .ok_or_else(|| ReplayError::Rebuild {
+                session: session.into(),
+                reason: "its session_opened record is missing".into(),
+            })?;
+        let http_streams: HashSet<u64> = records
+            .iter()
+            .filter_map(|r| match &r.body {
+                Body::HttpExchange(x) => Some(x.stream_id),
+                _ => None,
+            })
+            .collect();
+        let mut items = Vec::new();
+        let mut streams: BTreeMap<u64, OpaqueStream> = BTreeMap::new();
+        // Down frames by offset, so bytes land where they belong even if the records
+        // were read out of order.
+        let mut down: BTreeMap<u64, BTreeMap<u64, Vec<u8>>> = BTreeMap::new();
+        for r in &records {
+            match &r.body {
+                Body::HttpExchange(x) => {
+                    if matches!(x.phase, ExchangePhase::Complete | ExchangePhase::Start) {
+                        items.push(Item::Http(x.clone()));
+                    }
+                }
+                Body::StreamOpened(s) if !http_streams.contains(&s.stream_id) => {
+                    let st = streams.entry(s.stream_id).or_default();
+                    st.stream_id = s.stream_id;
+                    st.opened_at = r.ts_unix_nanos;
+                    st.protocol_hint.clone_from(&s.protocol_hint);
+                }
+                Body::Frame(f) if !http_streams.contains(&f.stream_id) => {
+                    let st = streams.entry(f.stream_id).or_insert_with(|| OpaqueStream {
+                        stream_id: f.stream_id,
+                        opened_at: r.ts_unix_nanos,
+                        ..Default::default()
+                    });
+                    let Some(p) = &f.payload else {
+                        st.missing_payload = true;
+                        match f.direction {
+                            Direction::Up => st.up_len += u64::from(f.length),
+                            Direction::Down => st.down_len += u64::from(f.length),
+                        }
+                        continue;
+                    };
+                    match f.direction {
+                        Direction::Up => {
+                            st.up_len += p.len() as u64;
+                            st.up.push((r.ts_unix_nanos, p.clone()));
+                        }
+                        Direction::Down => {
+                            st.down_len += p.len() as u64;
+                            down.entry(f.stream_id)
+                                .or_default()
+                                .insert(f.offset, p.clone());
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        for (id, mut st) in streams {
+            if let Some(chunks) = down.remove(&id) {
+                st.down = chunks.into_values().flatten().collect();
+            }
+            items.push(Item::Stream(st));
+        }
+        items.sort_by_key(Item::at);
+        Ok(Recording {
+            session_id: session.into(),
+            identity: opened.1.identity.clone(),
+            target: opened.1.target.clone(),
+            opened_at: opened.0,
+            items,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloudtap_schemas::{ChainWriter, Frame, SessionOpened, StreamOpened};
+
+    #[test]
+    fn opaque_streams_keep_their_bytes_and_timings_and_http_streams_their_exchanges() {
+        let mut w = ChainWriter::new(uuid::Uuid::now_v7());
+        let mut recs = vec![w.seal(
+            1,
+            Body::SessionOpened(SessionOpened {
+                identity: "alice".into(),
+                target: "db".into(),
+                ..Default::default()
+            }),
+        )];
+        recs.push(w.seal(
+            2,
+            Body::StreamOpened(StreamOpened {
+                stream_id: 1,
+                ..Default::default()
+            }),
+        ));
+        for (ts, dir, off, p) in [
+            (3, Direction::Up, 0, b"ping".as_slice()),
+            (4, Direction::Down, 0, b"po".as_slice()),
+            (5, Direction::Down, 2, b"ng".as_slice()),
+            (9, Direction::Up, 4, b"bye".as_slice()),
+        ] {
+            recs.push(w.seal(
+                ts,
+                Body::Frame(Frame {
+                    stream_id: 1,
+                    direction: dir,
+                    offset: off,
+                    length: p.len() as u32,
+                    payload: Some(p.to_vec()),
+                }),
+            ));
+        }
+        let mut x = HttpExchange {
+            stream_id: 2,
+            method: "GET".into(),
+            path: "/a".into(),
+            start_unix_nanos: 7,
+            ..Default::default()
+        };
+        recs.push(w.seal(8, Body::HttpExchange(Box::new(x.clone()))));
+        x.phase = ExchangePhase::Message;
+        recs.push(w.seal(8, Body::HttpExchange(Box::new(x))));
+        recs.push(w.seal(
+            8,
+            Body::Frame(Frame {
+                stream_id: 2,
+                direction: Direction::Up,
+                offset: 0,
+                length: 10,
+                payload: None,
+            }),
+        ));
+        recs.reverse();
+        let rec = Recording::from_records("s", &recs).unwrap();
+        assert_eq!(
+            (rec.identity.as_str(), rec.target.as_str()),
+            ("alice", "db")
+        );
+        assert_eq!(rec.items.len(), 2, "{:?}", rec.items);
+        let Item::Stream(s) = &rec.items[0] else {
+            panic!("the stream opened first")
+        };
+        assert_eq!(s.up, vec![(3, b"ping".to_vec()), (9, b"bye".to_vec())]);
+        assert_eq!(s.down, b"pong");
+        assert!(!s.missing_payload);
+        assert!(matches!(&rec.items[1], Item::Http(x) if x.path == "/a"));
+    }
+
+    #[test]
+    fn nothing_to_rebuild_is_not_found() {
+        assert!(matches!(
+            Recording::from_records("s", &[]),
+            Err(ReplayError::NotFound(_))
+        ));
+    }
+}
