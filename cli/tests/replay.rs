@@ -73,7 +73,10 @@ fn serve(conn: TcpStream, version: u32, posts: &AtomicUsize) {
             if auth == "Bearer s3cret" {
                 (200, r#"{"user":"alice"}"#.to_owned())
             } else {
-                (401, r#"{"error":"unauthenticated"}"#.to_owned())
+                (
+                    401,
+                    r#"{"error":"unauthenticated","retry_token":"secret-xyz"}"#.to_owned(),
+                )
             }
         } else if let Some(n) = path.strip_prefix("/items/") {
             let n: u64 = n.parse().unwrap_or(0);

@@ -98,6 +98,7 @@ impl EdgeState {
             d.source_session.clone_from(&session.replay_of);
             d.replay_session = session.id.hyphenated().to_string();
             d.target.clone_from(&target);
+            self.redact_finding(d);
             cut(&mut d.expected);
             cut(&mut d.actual);
             cut(&mut d.note);
@@ -148,6 +149,46 @@ impl EdgeState {
             run_id: run.hyphenated().to_string(),
             records: n,
         })
+    }
+}
+
+impl EdgeState {
+    /// The replayed side of a finding is a fresh answer, never redacted: apply the
+    /// edge's rules to it before it is stored, as the mirror does to every exchange.
+    /// A secret header, or a JSON field whose last key is secret, loses both values;
+    /// patterns are removed from every text.
+    fn redact_finding(&self, d: &mut ReplayDiff) {
+        let r = &self.redactor;
+        let last_key = d
+            .field
+            .rsplit(['.', '['])
+            .next()
+            .unwrap_or("")
+            .trim_end_matches(']')
+            .trim_matches('"');
+        let secret = match d.kind.as_str() {
+            "header" => r.header_is_secret(&d.field),
+            "body" => d.field.starts_with('$') && r.field_is_secret(last_key),
+            _ => false,
+        };
+        if secret {
+            for v in [&mut d.expected, &mut d.actual] {
+                if !v.is_empty() {
+                    *v = crate::mirror::redact::REDACTED.to_owned();
+                }
+            }
+        }
+        for v in [
+            &mut d.expected,
+            &mut d.actual,
+            &mut d.note,
+            &mut d.path,
+            &mut d.field,
+        ] {
+            if let std::borrow::Cow::Owned(clean) = r.text(v) {
+                *v = clean;
+            }
+        }
     }
 }
 
