@@ -392,7 +392,7 @@ impl Control {
         }
     }
 
-    /// Hands a replay run's findings to the edge (`ReplayService.Record`).
+    /// Hands a replay run's findings to the edge (`ReplayRecorder.Record`).
     async fn record_replay(
         &mut self,
         token: &str,
@@ -401,7 +401,7 @@ impl Control {
         match self {
             Control::Grpc(_, ch) => {
                 use cloudtap_proto::replay::v1 as rpb;
-                let mut c = rpb::replay_service_client::ReplayServiceClient::new(ch.clone())
+                let mut c = rpb::replay_recorder_client::ReplayRecorderClient::new(ch.clone())
                     .max_encoding_message_size(64 << 20);
                 let r = c
                     .record(with_bearer(

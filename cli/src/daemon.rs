@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use cloudtap_edge::config::{
     EdgeConfig, FsyncSetting, PolicyRule, TargetConfig, parse_target_flag,
 };
-use cloudtap_edge::pki::{DEV_ADMIN, DevPki};
+use cloudtap_edge::pki::{DEV_ADMIN, DevPki, REPLAY_IDENTITY};
 use cloudtap_edge::token::SigningKey;
 use cloudtap_edge::{EdgeParams, Endpoints, Listeners, demo};
 use cloudtap_recorder::FsyncPolicy;
@@ -45,6 +45,21 @@ pub enum Role {
     /// The query service alone: SQL (gRPC, Flight SQL, HTTP) over the archive and the
     /// log's unarchived tail, authenticated like the control plane.
     Query(QueryArgs),
+    /// The replay service alone: runs replays for automation (gRPC ReplayService.Run,
+    /// POST /v1/replay-runs) under its own identity, through an edge.
+    Replay(ReplayArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    pub node: QueryArgs,
+    /// The edge's gRPC control plane (default: from <data dir>/endpoints.json).
+    #[arg(long)]
+    pub edge_grpc: Option<String>,
+    /// The edge's tunnel port (default: from <data dir>/endpoints.json).
+    #[arg(long)]
+    pub edge_tunnel: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -126,7 +141,11 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Role::All(a) => (a, true),
         Role::Edge(a) => (a, false),
         Role::Recorder(a) => return recorder_main(a).await,
-        Role::Query(a) => return query_main(a).await,
+        Role::Query(a) => return node_main(a, None).await,
+        Role::Replay(a) => {
+            let edge = (a.edge_grpc, a.edge_tunnel);
+            return node_main(a.node, Some(edge)).await;
+        }
     };
     let data_dir = prepare_data_dir(args.data_dir.clone())?;
     let mut cfg = load_config(args.config.as_deref())?;
@@ -161,10 +180,12 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             });
         }
         if args.config.is_none() {
-            // Embedded default: the development admin may reach every target.
+            // Embedded default: the development admin may reach every target; so may
+            // the replay service, which also reads every session (for automation).
             cfg.policy.admins.push(DEV_ADMIN.into());
+            cfg.policy.auditors.push(REPLAY_IDENTITY.into());
             cfg.policy.rules.push(PolicyRule {
-                identities: vec![DEV_ADMIN.into()],
+                identities: vec![DEV_ADMIN.into(), REPLAY_IDENTITY.into()],
                 targets: vec!["*".into()],
             });
         }
@@ -253,6 +274,25 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             endpoints.grpc, endpoints.http
         );
     }
+    // In `all`, the replay service reaches this very edge.
+    let replay_identity = match (&query, crate::replay_role::identity_tls(&cfg, &data_dir)?) {
+        (Some(_), Some(tls)) => {
+            println!(
+                "  replay        gRPC ReplayService.Run and POST http://{}/v1/replay-runs",
+                endpoints.http
+            );
+            Some(crate::replay_role::Identity {
+                edge_grpc: format!("http://{}", endpoints.grpc),
+                edge_tunnel: endpoints.tunnel.to_string(),
+                tls,
+            })
+        }
+        (Some(_), None) => {
+            println!("  replay        off: set [replay] cert and key to give it an identity");
+            None
+        }
+        _ => None,
+    };
     println!("  data dir      {}", data_dir.display());
     if loopback_only {
         println!("  listening on loopback only (dev mode)");
@@ -311,15 +351,18 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             }
         })
     });
-    let edge = cloudtap_edge::run_with(
-        params,
-        listeners,
-        shutdown.clone(),
-        move |state| match query {
-            Some(engine) => crate::query_role::mounts(engine, state),
-            None => cloudtap_edge::Mounts::default(),
-        },
-    )
+    let edge = cloudtap_edge::run_with(params, listeners, shutdown.clone(), move |state| {
+        let Some(engine) = query else {
+            return cloudtap_edge::Mounts::default();
+        };
+        let q = crate::query_role::mounts(engine.clone(), state.clone());
+        match replay_identity {
+            Some(me) => {
+                crate::replay_role::add(q, crate::replay_role::Runner::new(engine, state, me))
+            }
+            None => q,
+        }
+    })
     .await;
     shutdown.cancel();
     if let Some(t) = recorder_task {
@@ -421,15 +464,24 @@ fn signing_key(cfg: &EdgeConfig, data_dir: &std::path::Path) -> anyhow::Result<S
     SigningKey::from_seed_hex(&seed).with_context(|| format!("in {}", path.display()))
 }
 
-async fn query_main(args: QueryArgs) -> anyhow::Result<()> {
+/// `cloudtapd query`, or with `replay` = the edge's (gRPC, tunnel) addresses as given,
+/// `cloudtapd replay`: a node with the edge's token checks and an audit chain of its
+/// own, no tunnel port.
+async fn node_main(
+    args: QueryArgs,
+    replay: Option<(Option<String>, Option<String>)>,
+) -> anyhow::Result<()> {
+    let role = if replay.is_some() { "replay" } else { "query" };
     let data_dir = prepare_data_dir(args.data_dir.clone())?;
     let mut cfg = load_config(args.config.as_deref())?;
     if args.config.is_none() {
-        // Like the embedded default: the development admin reads everything.
+        // Like the embedded default: the development admin reads everything, and so
+        // does the replay service.
         cfg.policy.admins.push(DEV_ADMIN.into());
+        cfg.policy.auditors.push(REPLAY_IDENTITY.into());
     }
     // The node's own chain (audits, heartbeats) is named apart from any edge's.
-    cfg.name = format!("{}-query", cfg.name);
+    cfg.name = format!("{}-{role}", cfg.name);
     cfg.validate()?;
     let pki = DevPki::new(&data_dir);
     let (cert, key, client_ca) = match &cfg.tls {
@@ -442,6 +494,32 @@ async fn query_main(args: QueryArgs) -> anyhow::Result<()> {
     let log = open_log(&cfg, args.log.as_deref(), &data_dir).await?;
     let (store, _, url) = open_archive(&cfg, args.archive.as_deref(), &data_dir).await?;
     let engine = crate::query_role::engine(&cfg, &url, store.clone(), log.clone())?;
+    let replay = match replay {
+        None => None,
+        Some((grpc, tunnel)) => {
+            let known = paths::read_endpoints(&data_dir);
+            let grpc = grpc
+                .or_else(|| known.as_ref().map(|e| e.grpc.to_string()))
+                .context(
+                    "where is the edge? pass --edge-grpc (or start the edge with this --data-dir)",
+                )?;
+            let tunnel = tunnel
+                .or_else(|| known.as_ref().map(|e| e.tunnel.to_string()))
+                .context("where is the edge's tunnel port? pass --edge-tunnel")?;
+            let tls = crate::replay_role::identity_tls(&cfg, &data_dir)?.context(
+                "the replay service needs an identity: set [replay] cert and key (a client certificate the edge's CA issued)",
+            )?;
+            Some(crate::replay_role::Identity {
+                edge_grpc: if grpc.contains("://") {
+                    grpc
+                } else {
+                    format!("http://{grpc}")
+                },
+                edge_tunnel: tunnel,
+                tls,
+            })
+        }
+    };
     let grpc = TcpListener::bind(args.grpc_addr).await.with_context(|| {
         format!(
             "cannot listen on {} for gRPC; pass --grpc-addr",
@@ -460,28 +538,40 @@ async fn query_main(args: QueryArgs) -> anyhow::Result<()> {
     let stop = shutdown.clone();
     tokio::spawn(async move {
         signals.await;
-        eprintln!("cloudtapd query: shutting down");
+        eprintln!("cloudtapd {role}: shutting down");
         stop.cancel();
     });
-    println!("cloudtapd {} (query)", env!("CARGO_PKG_VERSION"));
-    println!("  gRPC          {grpc_addr} (QueryService, Flight SQL)");
-    println!("  HTTP API      http://{http_addr}/v1/query");
+    println!("cloudtapd {} ({role})", env!("CARGO_PKG_VERSION"));
+    match &replay {
+        None => {
+            println!("  gRPC          {grpc_addr} (QueryService, Flight SQL)");
+            println!("  HTTP API      http://{http_addr}/v1/query");
+        }
+        Some(me) => {
+            println!("  gRPC          {grpc_addr} (ReplayService)");
+            println!("  HTTP API      http://{http_addr}/v1/replay-runs");
+            println!(
+                "  edge          {} (tunnel {})",
+                me.edge_grpc, me.edge_tunnel
+            );
+        }
+    }
     println!("  traffic log   {}", log.describe());
     println!("  archive       {}", store.describe());
     // Written under its own name: the edge's endpoints.json stays the CLI's default.
+    let file = data_dir.join(format!("{role}-endpoints.json"));
     std::fs::write(
-        data_dir.join("query-endpoints.json"),
+        &file,
         serde_json::json!({"grpc": grpc_addr, "http": http_addr}).to_string(),
     )
-    .with_context(|| {
-        format!(
-            "cannot write {}",
-            data_dir.join("query-endpoints.json").display()
-        )
-    })?;
-    println!(
-        "ready: `cloudtapctl --server {grpc_addr} --http-url http://{http_addr} query \"SELECT …\"`"
-    );
+    .with_context(|| format!("cannot write {}", file.display()))?;
+    if replay.is_some() {
+        println!("ready: POST http://{http_addr}/v1/replay-runs {{\"source_session\": …}}");
+    } else {
+        println!(
+            "ready: `cloudtapctl --server {grpc_addr} --http-url http://{http_addr} query \"SELECT …\"`"
+        );
+    }
     let params = EdgeParams {
         config: cfg,
         log,
@@ -490,8 +580,12 @@ async fn query_main(args: QueryArgs) -> anyhow::Result<()> {
         client_ca,
         signing_key,
     };
-    cloudtap_edge::run_node(params, grpc, http, shutdown, move |state| {
-        crate::query_role::mounts(engine, state)
+    cloudtap_edge::run_node(params, grpc, http, shutdown, move |state| match replay {
+        None => crate::query_role::mounts(engine, state),
+        Some(me) => crate::replay_role::add(
+            cloudtap_edge::Mounts::default(),
+            crate::replay_role::Runner::new(engine, state, me),
+        ),
     })
     .await?;
     Ok(())

@@ -6,6 +6,8 @@ pub mod daemon;
 mod http_client;
 pub mod paths;
 pub mod query_role;
+pub mod replay_role;
+pub mod replay_run;
 
 /// The `main` both binaries share: logs to stderr at `default_level` (or
 /// `CLOUDTAP_LOG_LEVEL`), runs `body` on a multi-threaded runtime, and maps an error to

@@ -512,3 +512,314 @@ fn an_opaque_echo_session_replays_byte_identical_with_its_gaps() {
         );
     }
 }
+
+/// `POST path` with a JSON body and a bearer token: (status, body).
+fn http_post(
+    addr: &str,
+    path: &str,
+    token: &str,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let body = body.to_string();
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out[9..12].parse().unwrap();
+    let json = out.split_once("\r\n\r\n").unwrap().1;
+    // The body may be chunked: take the JSON between the first '{' and the last '}'.
+    let json = &json[json.find('{').unwrap()..=json.rfind('}').unwrap()];
+    (
+        status,
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {json}")),
+    )
+}
+
+fn issue(data: &std::path::Path, subject: &str) -> String {
+    let (code, out, err) =
+        run(cloudtapctl(data).args(["-o", "json", "token", "issue", "--subject", subject]));
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str::<serde_json::Value>(&out).unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn the_replay_service_runs_replays_for_automation_under_its_own_identity() {
+    let data = tempfile::tempdir().unwrap();
+    let (v1, v2) = (upstream(1), upstream(2));
+    // The embedded default (its policy lets the replay service read and reach every
+    // target), with two more targets.
+    let d = Daemon::start(
+        "all",
+        data.path(),
+        &[
+            "--target",
+            &format!("v1={}", v1.addr),
+            "--target",
+            &format!("v2={}", v2.addr),
+        ],
+    );
+    let source = record(data.path(), "v1", |local| {
+        requests(
+            local,
+            &(1..=20)
+                .map(|n| get(&format!("/items/{n}")))
+                .collect::<Vec<_>>(),
+        )
+    });
+    wait_rows(
+        data.path(),
+        &format!("SELECT path FROM http_exchanges WHERE session_id = '{source}'"),
+        20,
+    );
+    let http = d.endpoints.http.to_string();
+    let admin = issue(data.path(), "dev-admin");
+
+    let (status, report) = http_post(
+        &http,
+        "/v1/replay-runs",
+        &admin,
+        &serde_json::json!({"source_session": source, "target": "v2", "speed": "max"}),
+    );
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["differing"], 2, "{report}");
+    assert_eq!(
+        differences(&report),
+        vec![
+            (
+                "/items/7".into(),
+                "body".into(),
+                "$.price".into(),
+                "70 -> 71".into()
+            ),
+            (
+                "/items/13".into(),
+                "status".into(),
+                "status".into(),
+                "200 -> 503".into()
+            ),
+        ]
+    );
+    // The re-sent traffic went through the edge as the service's own identity.
+    let replay_session = report["replay_session"].as_str().unwrap();
+    wait_rows(
+        data.path(),
+        &format!(
+            "SELECT session_id FROM sessions WHERE session_id = '{replay_session}' \
+             AND identity = 'cloudtap-replay' AND replay_of = '{source}'"
+        ),
+        1,
+    );
+    wait_rows(
+        data.path(),
+        &format!(
+            "SELECT kind FROM replay_diffs WHERE chain_id = '{}' AND kind = 'summary'",
+            report["run_id"].as_str().unwrap()
+        ),
+        1,
+    );
+
+    // Over gRPC, against the same version: no difference.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let grpc = format!("http://{}", d.endpoints.grpc);
+    let answer = rt.block_on(async {
+        use cloudtap_proto::replay::v1 as rpb;
+        let mut c = rpb::replay_service_client::ReplayServiceClient::connect(grpc)
+            .await
+            .unwrap();
+        let mut req = tonic::Request::new(rpb::RunRequest {
+            source_session: source.clone(),
+            speed: "max".into(),
+            ..Default::default()
+        });
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {admin}").parse().unwrap());
+        c.run(req).await
+    });
+    let answer = answer.unwrap().into_inner();
+    assert_eq!(answer.differing, 0, "{}", answer.report_json);
+    assert!(!answer.run_id.is_empty());
+
+    // A caller who may not read the session learns nothing about it; a forged token is
+    // refused; bad input says what is wrong.
+    let eve = issue(data.path(), "eve");
+    let (status, v) = http_post(
+        &http,
+        "/v1/replay-runs",
+        &eve,
+        &serde_json::json!({"source_session": source}),
+    );
+    assert_eq!(
+        (status, v["code"].as_str()),
+        (404, Some("not_found")),
+        "{v}"
+    );
+    let (status, _) = http_post(
+        &http,
+        "/v1/replay-runs",
+        "forged",
+        &serde_json::json!({"source_session": source}),
+    );
+    assert_eq!(status, 401);
+    let (status, v) = http_post(
+        &http,
+        "/v1/replay-runs",
+        &admin,
+        &serde_json::json!({"source_session": source, "speed": "warp"}),
+    );
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("--speed"), "{v}");
+    // Every run is an audit record.
+    let audits = wait_rows(
+        data.path(),
+        "SELECT actor, detail FROM events WHERE kind = 'audit' AND action = 'replay_run' ORDER BY seq",
+        3,
+    );
+    assert!(
+        audits[2]["actor"] == "eve"
+            && audits[2]["detail"]
+                .as_str()
+                .unwrap()
+                .contains("allowed=false"),
+        "{audits:?}"
+    );
+}
+
+#[test]
+fn the_replay_routes_are_documented_and_nothing_else() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/api/openapi.yaml"
+    ))
+    .unwrap();
+    let spec: serde_json::Value = serde_norway::from_str(&text).unwrap();
+    let mut documented = std::collections::BTreeSet::new();
+    for (path, ops) in spec["paths"].as_object().unwrap() {
+        if ops.get("x-cloudtap-role").and_then(|r| r.as_str()) != Some("replay") {
+            continue;
+        }
+        for method in ops.as_object().unwrap().keys() {
+            if !method.starts_with("x-") {
+                documented.insert((method.to_uppercase(), path.clone()));
+            }
+        }
+    }
+    let served: std::collections::BTreeSet<(String, String)> =
+        cloudtap_cli::replay_role::HTTP_ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+    assert_eq!(documented, served);
+}
+
+/// `cloudtapd replay` alone, beside an edge, sharing its log on the Kafka test broker.
+#[test]
+fn cloudtapd_replay_runs_alone_beside_an_edge() {
+    let Some(brokers) = cloudtap_recorder::testenv::service(
+        "CLOUDTAP_TEST_KAFKA",
+        "cloudtapd_replay_runs_alone_beside_an_edge",
+    ) else {
+        return;
+    };
+    let log = cloudtap_recorder::testenv::kafka_url(
+        &brokers,
+        &format!("replay-node-{}", uuid::Uuid::now_v7()),
+        1,
+    );
+    let data = tempfile::tempdir().unwrap();
+    let (v1, v2) = (upstream(1), upstream(2));
+    let cfg = data.path().join("cloudtap.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[policy]\nadmins = [\"dev-admin\"]\nauditors = [\"cloudtap-replay\"]\n\n\
+             [[policy.rules]]\nidentities = [\"cloudtap-replay\"]\ntargets = [\"*\"]\n\n\
+             [[targets]]\nname = \"v1\"\nupstream = \"{}\"\nprotocol = \"http1\"\n\n\
+             [[targets]]\nname = \"v2\"\nupstream = \"{}\"\nprotocol = \"http1\"\n",
+            v1.addr, v2.addr
+        ),
+    )
+    .unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let _edge = Daemon::start("edge", data.path(), &["--config", cfg, "--log", &log]);
+    let source = record(data.path(), "v1", |local| {
+        requests(
+            local,
+            &(1..=8)
+                .map(|n| get(&format!("/items/{n}")))
+                .collect::<Vec<_>>(),
+        )
+    });
+
+    let mut node = cloudtapd()
+        .args([
+            "replay",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--config", cfg, "--log", &log, "--data-dir"])
+        .arg(data.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = lines(node.stdout.take().unwrap());
+    let err = lines(node.stderr.take().unwrap());
+    loop {
+        let l = out
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| {
+                let e: Vec<String> = err.try_iter().collect();
+                panic!("cloudtapd replay did not say ready: {e:?}")
+            });
+        if l.starts_with("ready") {
+            break;
+        }
+    }
+    let eps: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.path().join("replay-endpoints.json")).unwrap())
+            .unwrap();
+    let http = eps["http"].as_str().unwrap().to_owned();
+    let admin = issue(data.path(), "dev-admin");
+    // The records reach the node through Kafka: wait until it sees all eight.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let report = loop {
+        let (status, report) = http_post(
+            &http,
+            "/v1/replay-runs",
+            &admin,
+            &serde_json::json!({"source_session": source, "target": "v2", "speed": "max"}),
+        );
+        if status == 200 && report["http_requests"] == 8 {
+            break report;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no full replay within 30 s: {status} {report}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(
+        differences(&report),
+        vec![(
+            "/items/7".into(),
+            "body".into(),
+            "$.price".into(),
+            "70 -> 71".into()
+        )],
+        "{report}"
+    );
+    assert!(!report["run_id"].as_str().unwrap().is_empty());
+    let _ = node.kill();
+    let _ = node.wait();
+}

@@ -60,6 +60,20 @@ pub struct EdgeConfig {
     /// Limits of the query service (`cloudtapd all` / `cloudtapd query`).
     #[serde(default)]
     pub query: QueryConfig,
+    /// The replay service (`cloudtapd all` / `cloudtapd replay`).
+    #[serde(default)]
+    pub replay: ReplayConfig,
+}
+
+/// `[replay]`: the replay service's own identity: a client certificate (and key) the
+/// edge's CA issued; its subject names the identity policy grants. Without them the
+/// embedded default issues one for `cloudtap-replay` from the development CA, and a
+/// configured deployment runs no replay service.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayConfig {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
 }
 
 /// `[query]`: limits every SQL query runs under.

@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 use cloudtap_proto::replay::v1 as rpb;
 use cloudtap_proto::tunnel::v1 as pb;
 use pb::tunnel_service_server::{TunnelService, TunnelServiceServer};
-use rpb::replay_service_server::{ReplayService, ReplayServiceServer};
+use rpb::replay_recorder_server::{ReplayRecorder, ReplayRecorderServer};
 
 use crate::EdgeState;
 use crate::control::{Caller, Refusal};
@@ -33,18 +33,18 @@ pub fn service(state: Arc<EdgeState>) -> TunnelServiceServer<Service> {
     TunnelServiceServer::new(Service { state })
 }
 
-/// `cloudtap.replay.v1.ReplayService`: where replay runs record their findings.
-pub fn replay_service(state: Arc<EdgeState>) -> ReplayServiceServer<ReplayRecorder> {
+/// `cloudtap.replay.v1.ReplayRecorder`: where replay runs record their findings.
+pub fn replay_recorder(state: Arc<EdgeState>) -> ReplayRecorderServer<Recorder> {
     // A run's findings are at most MAX_FINDINGS of a few KiB each.
-    ReplayServiceServer::new(ReplayRecorder { state }).max_decoding_message_size(64 << 20)
+    ReplayRecorderServer::new(Recorder { state }).max_decoding_message_size(64 << 20)
 }
 
-pub struct ReplayRecorder {
+pub struct Recorder {
     state: Arc<EdgeState>,
 }
 
 #[tonic::async_trait]
-impl ReplayService for ReplayRecorder {
+impl ReplayRecorder for Recorder {
     async fn record(
         &self,
         req: Request<rpb::RecordRequest>,
@@ -76,7 +76,7 @@ pub async fn serve(
     let mut routes = extra.unwrap_or_default();
     if edge {
         routes = routes
-            .add_service(replay_service(state.clone()))
+            .add_service(replay_recorder(state.clone()))
             .add_service(service(state));
     }
     if let Err(e) = tonic::transport::Server::builder()

@@ -59,6 +59,9 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PkiError + '_ {
     }
 }
 
+/// The replay service's identity in the embedded default.
+pub const REPLAY_IDENTITY: &str = "cloudtap-replay";
+
 /// Paths of the development PKI files.
 #[derive(Debug, Clone)]
 pub struct DevPki {
@@ -94,6 +97,27 @@ impl DevPki {
     }
     pub fn signing_pub(&self) -> PathBuf {
         self.dir.join("token-signing.pub")
+    }
+
+    pub fn replay_cert(&self) -> PathBuf {
+        self.dir.join("replay-client.pem")
+    }
+    pub fn replay_key(&self) -> PathBuf {
+        self.dir.join("replay-client.key")
+    }
+
+    /// The replay service's client certificate (CN [`REPLAY_IDENTITY`]), issued by the
+    /// development CA the first time it is asked for.
+    pub fn ensure_replay_identity(&self) -> Result<(PathBuf, PathBuf), PkiError> {
+        if !self.replay_cert().exists() {
+            let read = |p: PathBuf| std::fs::read_to_string(&p).map_err(io_err(&p));
+            let ca = Ca::from_pem(&read(self.ca_cert())?, &read(self.ca_key())?)?;
+            let issued = ca.issue_client(REPLAY_IDENTITY)?;
+            let _ = std::fs::remove_file(self.replay_key());
+            write(&self.replay_key(), issued.key_pem.as_bytes(), true)?;
+            write(&self.replay_cert(), issued.cert_pem.as_bytes(), false)?;
+        }
+        Ok((self.replay_cert(), self.replay_key()))
     }
 
     /// Creates whatever is missing; returns true when anything was created.

@@ -22,7 +22,7 @@ fn spec() -> Value {
 }
 
 /// The documented routes the edge itself serves: paths marked with another role
-/// (`x-cloudtap-role: query`) are served by that role and checked in its crate.
+/// (`x-cloudtap-role: query`, `replay`) are served by that role and checked in its crate.
 fn documented(spec: &Value) -> BTreeSet<(String, String)> {
     let mut out = BTreeSet::new();
     for (path, ops) in spec["paths"].as_object().unwrap() {

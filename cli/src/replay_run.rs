@@ -1,0 +1,201 @@
+//! One replay through an edge, shared by `cloudtapctl replay` (as the user) and the
+//! replay service (as its own identity): the SQL that reads a session's records, the
+//! options, and the run itself — plan, tunnel with `replay_of`, send and compare,
+//! record the findings, close.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cloudtap_edge::client::{StreamOpener, Tunnel};
+use cloudtap_edge::replays::{MAX_FINDINGS, Recorded, ReplayReport};
+use cloudtap_proto::tunnel::v1 as pb;
+use cloudtap_replay::diff::{DEFAULT_IGNORED, DiffOptions};
+use cloudtap_replay::plan::parse_header;
+use cloudtap_replay::{
+    Dialer, Filter, Io, Plan, PlanOptions, Progress, Recording, Report, RunOptions, Speed,
+};
+use cloudtap_schemas::Record;
+
+/// The queries that read a session's records: its events, its exchanges, and the
+/// frames of streams that are not HTTP (HTTP is replayed from its exchanges).
+pub fn fetch_sql(session: &str) -> [String; 3] {
+    let lit = format!("'{}'", session.replace('\'', "''"));
+    [
+        format!("SELECT * FROM events WHERE session_id = {lit}"),
+        format!("SELECT * FROM http_exchanges WHERE session_id = {lit}"),
+        format!(
+            "SELECT * FROM frames WHERE session_id = {lit} AND stream_id NOT IN \
+             (SELECT stream_id FROM http_exchanges WHERE session_id = {lit})"
+        ),
+    ]
+}
+
+/// What a replay was asked to do, as flags or as a `RunRequest` give it.
+#[derive(Debug, Clone, Default)]
+pub struct Ask {
+    pub target: Option<String>,
+    pub speed: String,
+    pub concurrency: usize,
+    pub only: String,
+    pub headers: Vec<String>,
+    pub ignore_headers: Vec<String>,
+    pub allow_writes: bool,
+    pub dry_run: bool,
+    pub timeout: Duration,
+}
+
+/// Checks and turns the ask into the engine's options; errors say what to fix.
+pub fn options(a: &Ask) -> anyhow::Result<(PlanOptions, RunOptions)> {
+    let speed = Speed::parse(if a.speed.is_empty() { "1" } else { &a.speed })?;
+    let filter = Filter::parse(&a.only)?;
+    let headers = a
+        .headers
+        .iter()
+        .map(|h| parse_header(h))
+        .collect::<Result<Vec<_>, _>>()?;
+    if a.concurrency == 0 {
+        anyhow::bail!("concurrency must be at least 1");
+    }
+    let mut ignored: Vec<String> = DEFAULT_IGNORED.iter().map(|h| h.to_string()).collect();
+    ignored.extend(
+        a.ignore_headers
+            .iter()
+            .map(|h| h.trim().to_ascii_lowercase()),
+    );
+    Ok((
+        PlanOptions {
+            filter,
+            allow_writes: a.allow_writes,
+            headers,
+        },
+        RunOptions {
+            speed,
+            concurrency: a.concurrency,
+            diff: DiffOptions {
+                ignored_headers: ignored,
+            },
+            timeout: a.timeout,
+        },
+    ))
+}
+
+/// The edge calls a replay makes, as whoever replays.
+#[async_trait::async_trait]
+pub trait Edge: Send + Sync {
+    async fn open_tunnel(
+        &self,
+        target: &str,
+        replay_of: &str,
+    ) -> anyhow::Result<pb::OpenTunnelResponse>;
+    async fn record(&self, report: ReplayReport) -> anyhow::Result<Recorded>;
+    async fn close(&self, session_id: &str);
+    fn tls(&self) -> anyhow::Result<Arc<rustls::ClientConfig>>;
+}
+
+/// Streams through the replay's tunnel.
+struct TunnelDialer(StreamOpener);
+
+#[async_trait::async_trait]
+impl Dialer for TunnelDialer {
+    async fn dial(&self) -> std::io::Result<Box<dyn Io>> {
+        let s = self
+            .0
+            .open_stream("replay")
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        Ok(Box::new(s))
+    }
+}
+
+/// Replays the session `records` hold. `announce` hears what will be sent before
+/// anything is. The findings are recorded before the tunnel closes; if that fails the
+/// error says so, and the report is lost only from the log, not from the answer:
+/// it comes back in the error's context.
+pub async fn replay(
+    edge: &dyn Edge,
+    source: &str,
+    records: &[Record],
+    ask: &Ask,
+    progress: Option<Arc<dyn Progress>>,
+    announce: impl Fn(String),
+) -> anyhow::Result<Report> {
+    let (plan_opts, run_opts) = options(ask)?;
+    let recording = Recording::from_records(source, records)?;
+    let target = ask
+        .target
+        .clone()
+        .unwrap_or_else(|| recording.target.clone());
+    let plan = Arc::new(Plan::new(&recording, &plan_opts));
+    announce(format!(
+        "replaying session {source} ({} to {}) to {target}: {} HTTP requests and {} streams to send, {} skipped, {} not fully restorable{}",
+        recording.identity,
+        recording.target,
+        plan.http_requests(),
+        plan.streams(),
+        plan.skipped().count(),
+        plan.not_restored().count(),
+        if plan.filtered_out > 0 {
+            format!(", {} left out by the filter", plan.filtered_out)
+        } else {
+            String::new()
+        }
+    ));
+    if ask.dry_run {
+        let mut report = Report::new(&plan, Vec::new(), Duration::ZERO);
+        report.source_session = source.into();
+        report.target = target;
+        return Ok(report);
+    }
+    let opened = edge.open_tunnel(&target, source).await?;
+    let tunnel = Tunnel::attach(
+        &edge.tls()?,
+        &opened.tunnel_addr,
+        &opened.session_token,
+        &target,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot attach to the replay's tunnel: {e}"))?;
+    let progress = progress.filter(|_| plan.steps.len() > 1);
+    let mut report = cloudtap_replay::run(
+        plan.clone(),
+        Arc::new(TunnelDialer(tunnel.opener())),
+        run_opts,
+        progress,
+    )
+    .await;
+    report.source_session = source.into();
+    report.target = target.clone();
+    report.replay_session = opened.session_id.clone();
+
+    // Recorded while the replay session is open: the edge checks it is this caller's
+    // replay of this session.
+    let mut diffs = report.findings.clone();
+    diffs.truncate(MAX_FINDINGS - 1);
+    let mut summary = report.summary();
+    if report.findings.len() >= MAX_FINDINGS {
+        summary.note += &format!(
+            "; only the first {} of {} findings recorded",
+            MAX_FINDINGS - 1,
+            report.findings.len()
+        );
+    }
+    diffs.push(summary);
+    let recorded = edge
+        .record(ReplayReport {
+            source_session: source.into(),
+            replay_session: opened.session_id.clone(),
+            target,
+            diffs,
+        })
+        .await;
+    edge.close(&opened.session_id).await;
+    tunnel.close();
+    let recorded = recorded.map_err(|e| {
+        let json = serde_json::to_string(&report).unwrap_or_default();
+        e.context(format!(
+            "the replay ran, but the edge did not record its findings; the report: {json}"
+        ))
+    })?;
+    report.run_id = recorded.run_id;
+    Ok(report)
+}
