@@ -123,26 +123,7 @@ impl Runner {
     }
 
     async fn rows(&self, reader: &Reader, sql: &str) -> Result<Vec<Record>, RunError> {
-        let out = self.engine.execute(reader, sql, None).await?;
-        let (_, batches, truncated) = cloudtap_query::service::collect(out).await?;
-        if truncated {
-            return Err(RunError::new(
-                "invalid_argument",
-                "the session has more records than one answer holds ([query] max_rows); raise it to replay this session",
-            ));
-        }
-        let mut records = Vec::new();
-        for b in &batches {
-            records.extend(
-                cloudtap_schemas::tables::records_from_batch(b).map_err(|e| {
-                    RunError::new(
-                        "failed",
-                        format!("the session's records do not read back: {e}"),
-                    )
-                })?,
-            );
-        }
-        Ok(records)
+        rows(&self.engine, reader, sql).await
     }
 
     pub async fn run(
@@ -219,6 +200,8 @@ impl Runner {
         let edge = ServiceEdge {
             me: self.me.clone(),
             token,
+            engine: self.engine.clone(),
+            reader: me,
         };
         replay_run::replay(
             &edge,
@@ -239,10 +222,35 @@ impl Runner {
     }
 }
 
+async fn rows(engine: &QueryEngine, reader: &Reader, sql: &str) -> Result<Vec<Record>, RunError> {
+    let out = engine.execute(reader, sql, None).await?;
+    let (_, batches, truncated) = cloudtap_query::service::collect(out).await?;
+    if truncated {
+        return Err(RunError::new(
+            "invalid_argument",
+            "the session has more records than one answer holds ([query] max_rows); raise it to replay this session",
+        ));
+    }
+    let mut records = Vec::new();
+    for b in &batches {
+        records.extend(
+            cloudtap_schemas::tables::records_from_batch(b).map_err(|e| {
+                RunError::new(
+                    "failed",
+                    format!("the session's records do not read back: {e}"),
+                )
+            })?,
+        );
+    }
+    Ok(records)
+}
+
 /// The edge as the replay service reaches it: gRPC, with the service's token.
 struct ServiceEdge {
     me: Identity,
     token: String,
+    engine: Arc<QueryEngine>,
+    reader: Reader,
 }
 
 impl ServiceEdge {
@@ -322,6 +330,18 @@ impl Edge for ServiceEdge {
 
     fn tls(&self) -> anyhow::Result<Arc<rustls::ClientConfig>> {
         Ok(self.me.tls.clone())
+    }
+
+    async fn session_records(&self, session: &str) -> anyhow::Result<Vec<Record>> {
+        let mut out = Vec::new();
+        for sql in &replay_run::fetch_sql(session)[..2] {
+            out.extend(
+                rows(&self.engine, &self.reader, sql)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{}", e.message))?,
+            );
+        }
+        Ok(out)
     }
 }
 

@@ -12,12 +12,13 @@ use cloudtap_proto::tunnel::v1 as pb;
 use cloudtap_replay::diff::{DEFAULT_IGNORED, DiffOptions};
 use cloudtap_replay::plan::parse_header;
 use cloudtap_replay::{
-    Dialer, Filter, Io, Plan, PlanOptions, Progress, Recording, Report, RunOptions, Speed,
+    Dialer, Filter, Io, Plan, PlanOptions, Progress, Recording, Report, RunOptions, Speed, mirrored,
 };
 use cloudtap_schemas::Record;
 
 /// The queries that read a session's records: its events, its exchanges, and the
-/// frames of streams that are not HTTP (HTTP is replayed from its exchanges).
+/// frames of streams that are not HTTP/1 (HTTP/1 is replayed from its exchanges;
+/// HTTP/2 from its bytes, when they were captured).
 pub fn fetch_sql(session: &str) -> [String; 3] {
     let lit = format!("'{}'", session.replace('\'', "''"));
     [
@@ -25,7 +26,8 @@ pub fn fetch_sql(session: &str) -> [String; 3] {
         format!("SELECT * FROM http_exchanges WHERE session_id = {lit}"),
         format!(
             "SELECT * FROM frames WHERE session_id = {lit} AND stream_id NOT IN \
-             (SELECT stream_id FROM http_exchanges WHERE session_id = {lit})"
+             (SELECT stream_id FROM http_exchanges WHERE session_id = {lit} \
+              AND protocol LIKE 'HTTP/1%' AND grpc_service IS NULL)"
         ),
     ]
 }
@@ -90,17 +92,22 @@ pub trait Edge: Send + Sync {
     async fn record(&self, report: ReplayReport) -> anyhow::Result<Recorded>;
     async fn close(&self, session_id: &str);
     fn tls(&self) -> anyhow::Result<Arc<rustls::ClientConfig>>;
+    /// A session's events and exchanges, as the replayer may read them.
+    async fn session_records(&self, session: &str) -> anyhow::Result<Vec<Record>>;
 }
+
+/// How long the edge's mirror may take to record a replayed HTTP/2 stream's exchanges.
+const MIRROR_WAIT: Duration = Duration::from_secs(10);
 
 /// Streams through the replay's tunnel.
 struct TunnelDialer(StreamOpener);
 
 #[async_trait::async_trait]
 impl Dialer for TunnelDialer {
-    async fn dial(&self) -> std::io::Result<Box<dyn Io>> {
+    async fn dial(&self, label: &str) -> std::io::Result<Box<dyn Io>> {
         let s = self
             .0
-            .open_stream("replay")
+            .open_stream(label)
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         Ok(Box::new(s))
@@ -156,6 +163,7 @@ pub async fn replay(
     .await
     .map_err(|e| anyhow::anyhow!("cannot attach to the replay's tunnel: {e}"))?;
     let progress = progress.filter(|_| plan.steps.len() > 1);
+    let diff_opts = run_opts.diff.clone();
     let mut report = cloudtap_replay::run(
         plan.clone(),
         Arc::new(TunnelDialer(tunnel.opener())),
@@ -163,6 +171,20 @@ pub async fn replay(
         progress,
     )
     .await;
+    // HTTP/2 streams are compared through what the edge mirrored of the replay, which
+    // it appends as it parses: wait for it (bounded), then compare.
+    if !mirrored::streams(&plan).is_empty() {
+        let want = mirrored::expected(&plan);
+        let deadline = tokio::time::Instant::now() + MIRROR_WAIT;
+        let records = loop {
+            let records = edge.session_records(&opened.session_id).await?;
+            if mirrored::seen(&records) >= want || tokio::time::Instant::now() >= deadline {
+                break records;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        report.add_streams(mirrored::compare(&plan, &records, &diff_opts));
+    }
     report.source_session = source.into();
     report.target = target.clone();
     report.replay_session = opened.session_id.clone();

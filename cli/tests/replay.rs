@@ -238,7 +238,7 @@ fn differences(report: &serde_json::Value) -> Vec<(String, String, String, Strin
         .filter(|f| {
             matches!(
                 f["kind"].as_str().unwrap(),
-                "status" | "header" | "body" | "bytes" | "failed"
+                "status" | "header" | "body" | "bytes" | "grpc_status" | "grpc_message" | "failed"
             )
         })
         .map(|f| {
@@ -822,4 +822,160 @@ fn cloudtapd_replay_runs_alone_beside_an_edge() {
     assert!(!report["run_id"].as_str().unwrap().is_empty());
     let _ = node.kill();
     let _ = node.wait();
+}
+
+/// A gRPC message frame: flag 0, big-endian length, the bytes.
+fn grpc_frame(payload: &[u8]) -> bytes::Bytes {
+    let mut b = vec![0u8];
+    b.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    b.extend_from_slice(payload);
+    b.into()
+}
+
+/// An h2c gRPC-shaped upstream. `/shop.Items/Get` answers one message with the price
+/// (70; 71 in version 2) and `grpc-status: 0` as a trailer; `/shop.Items/Check`
+/// answers no message and status 0 (version 2: trailers-only NOT_FOUND).
+fn grpc_upstream(version: u32) -> String {
+    use axum::body::Body;
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(l.local_addr().unwrap().to_string()).unwrap();
+            let app = axum::Router::new().fallback(move |req: axum::extract::Request| async move {
+                let path = req.uri().path().to_owned();
+                let _ = http_body_util::BodyExt::collect(req.into_body()).await;
+                let ok = |msg: Option<bytes::Bytes>| {
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", "0".parse().unwrap());
+                    let mut frames = Vec::new();
+                    if let Some(m) = msg {
+                        frames.push(Ok::<_, std::convert::Infallible>(Frame::data(m)));
+                    }
+                    frames.push(Ok(Frame::trailers(trailers)));
+                    http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .body(Body::new(StreamBody::new(futures::stream::iter(frames))))
+                        .unwrap()
+                };
+                match (path.as_str(), version) {
+                    ("/shop.Items/Get", v) => ok(Some(grpc_frame(if v == 2 {
+                        b"price=71"
+                    } else {
+                        b"price=70"
+                    }))),
+                    ("/shop.Items/Check", 2) => http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .header("grpc-status", "5")
+                        .header("grpc-message", "not found")
+                        .body(Body::empty())
+                        .unwrap(),
+                    _ => ok(None),
+                }
+            });
+            axum::serve(l, app).await.unwrap();
+        });
+    });
+    rx.recv().unwrap()
+}
+
+#[test]
+fn a_grpc_stream_captured_full_replays_and_compares_status_and_messages() {
+    let data = tempfile::tempdir().unwrap();
+    let (v1, v2) = (grpc_upstream(1), grpc_upstream(2));
+    let cfg = data.path().join("cloudtap.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[policy]\nadmins = [\"dev-admin\"]\n\n\
+             [[targets]]\nname = \"g1\"\nupstream = \"{v1}\"\nprotocol = \"http2\"\ncapture = \"full\"\n\n\
+             [[targets]]\nname = \"g2\"\nupstream = \"{v2}\"\nprotocol = \"http2\"\ncapture = \"full\"\n"
+        ),
+    )
+    .unwrap();
+    let _d = Daemon::start("all", data.path(), &["--config", cfg.to_str().unwrap()]);
+    let source = record(data.path(), "g1", |local| {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            use http_body_util::{BodyExt, Full};
+            let tcp = tokio::net::TcpStream::connect(local).await.unwrap();
+            let (mut send, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(tcp),
+            )
+            .await
+            .unwrap();
+            tokio::spawn(conn);
+            for path in ["/shop.Items/Get", "/shop.Items/Check"] {
+                let req = http::Request::post(format!("http://shop{path}"))
+                    .header("content-type", "application/grpc")
+                    .header("te", "trailers")
+                    .body(Full::new(grpc_frame(b"sku=7")))
+                    .unwrap();
+                let resp = send.send_request(req).await.unwrap();
+                resp.into_body().collect().await.unwrap();
+            }
+        });
+    });
+    let rows = wait_rows(
+        data.path(),
+        &format!(
+            "SELECT grpc_method, grpc_status FROM http_exchanges WHERE session_id = '{source}' ORDER BY exchange_index"
+        ),
+        2,
+    );
+    assert_eq!(rows[1]["grpc_method"], "Check", "{rows:?}");
+
+    // gRPC calls are POSTs: skipped without --allow-writes.
+    let (code, report, _) = replay(data.path(), &[&source, "--speed", "max"]);
+    assert_eq!((code, report["skipped"].as_u64()), (0, Some(1)), "{report}");
+
+    let (code, same, err) = replay(data.path(), &[&source, "--speed", "max", "--allow-writes"]);
+    assert_eq!(code, 0, "the same version: {same} {err}");
+    assert_eq!(same["streams"], 1);
+
+    let (code, report, err) = replay(
+        data.path(),
+        &[
+            &source,
+            "--target",
+            "g2",
+            "--speed",
+            "max",
+            "--allow-writes",
+        ],
+    );
+    assert_eq!(code, 1, "{report} {err}");
+    assert_eq!(report["differing"], 1, "one stream: {report}");
+    let diffs = differences(&report);
+    assert!(
+        diffs.contains(&(
+            "/shop.Items/Get".into(),
+            "grpc_message".into(),
+            "response body".into(),
+            diffs[0].3.clone()
+        )),
+        "{diffs:?}"
+    );
+    assert!(
+        diffs.contains(&(
+            "/shop.Items/Check".into(),
+            "grpc_status".into(),
+            "grpc-status".into(),
+            "0 -> 5".into()
+        )),
+        "{diffs:?}"
+    );
+    assert!(
+        diffs.contains(&(
+            "/shop.Items/Check".into(),
+            "grpc_message".into(),
+            "grpc-message".into(),
+            " -> not found".into()
+        )),
+        "{diffs:?}"
+    );
 }

@@ -20,6 +20,7 @@
 pub mod diff;
 pub mod engine;
 pub mod filter;
+pub mod mirrored;
 pub mod plan;
 pub mod rebuild;
 pub mod report;
@@ -52,6 +53,8 @@ pub mod kind {
     pub const HEADER: &str = "header";
     pub const BODY: &str = "body";
     pub const BYTES: &str = "bytes";
+    pub const GRPC_STATUS: &str = "grpc_status";
+    pub const GRPC_MESSAGE: &str = "grpc_message";
     pub const FAILED: &str = "failed";
     pub const SKIPPED: &str = "skipped";
     pub const NOT_RESTORED: &str = "not_restored";
@@ -59,6 +62,9 @@ pub mod kind {
 
     /// Kinds that are differences (exit code 1), as opposed to notes about the run.
     pub fn is_difference(k: &str) -> bool {
-        matches!(k, STATUS | HEADER | BODY | BYTES | FAILED)
+        matches!(
+            k,
+            STATUS | HEADER | BODY | BYTES | GRPC_STATUS | GRPC_MESSAGE | FAILED
+        )
     }
 }

@@ -164,9 +164,17 @@ impl Plan {
 
     fn http(&mut self, x: &HttpExchange, opts: &PlanOptions) {
         let skip = |why: String| note(Some(x), 0, kind::SKIPPED, "", why);
-        if !x.grpc_service.is_empty() || x.protocol == "HTTP/2" {
-            self.notes.push(skip(
-                "gRPC and HTTP/2 exchanges are not replayed by this version".into(),
+        if !crate::rebuild::is_http1(x) {
+            self.notes.push(note(
+                Some(x),
+                0,
+                kind::NOT_RESTORED,
+                "stream",
+                format!(
+                    "an HTTP/2{} exchange is replayed from its stream's bytes, which capture level {:?} does not keep; capture the route `full` to replay it",
+                    if x.grpc_service.is_empty() { "" } else { " (gRPC)" },
+                    x.capture
+                ),
             ));
             return;
         }
@@ -297,13 +305,35 @@ impl Plan {
             ));
             return;
         }
-        if !opts.allow_writes {
+        let h2_reads_only = !s.mirrored.is_empty()
+            && s.mirrored
+                .iter()
+                .all(|x| x.phase == ExchangePhase::Message || idempotent(&x.method));
+        if !opts.allow_writes && !h2_reads_only {
+            let what = if s.mirrored.is_empty() {
+                format!(
+                    "is opaque ({} B up): what it does cannot be known",
+                    s.up_len
+                )
+            } else {
+                let calls: Vec<String> = s
+                    .mirrored
+                    .iter()
+                    .filter(|x| x.phase != ExchangePhase::Message)
+                    .take(3)
+                    .map(|x| format!("{} {}", x.method, x.path))
+                    .collect();
+                format!(
+                    "is HTTP/2 with non-idempotent requests ({})",
+                    calls.join(", ")
+                )
+            };
             self.notes.push(mk(
                 kind::SKIPPED,
                 "",
                 format!(
-                    "stream {} is opaque ({} B up): what it does cannot be known; pass --allow-writes to send it",
-                    s.stream_id, s.up_len
+                    "stream {} {what}; pass --allow-writes to send it",
+                    s.stream_id
                 ),
             ));
             return;
@@ -339,6 +369,7 @@ mod tests {
 
     fn x(method: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> Item {
         Item::Http(Box::new(HttpExchange {
+            protocol: "HTTP/1.1".into(),
             method: method.into(),
             path: "/p".into(),
             authority: "svc".into(),
@@ -429,6 +460,23 @@ mod tests {
         let p = Plan::new(&rec(vec![item]), &opts);
         assert!(p.steps.is_empty());
         assert!(p.not_restored().next().unwrap().note.contains("truncated"));
+    }
+
+    #[test]
+    fn http2_exchanges_without_their_bytes_are_listed_not_sent() {
+        let mut item = x("GET", &[], None);
+        if let Item::Http(x) = &mut item {
+            x.protocol = "HTTP/2".into();
+            x.grpc_service = "shop.Items".into();
+        }
+        let p = Plan::new(&rec(vec![item]), &PlanOptions::default());
+        assert!(p.steps.is_empty());
+        let n = p.not_restored().next().unwrap();
+        assert!(
+            n.note.contains("(gRPC)") && n.note.contains("`full`"),
+            "{}",
+            n.note
+        );
     }
 
     #[test]

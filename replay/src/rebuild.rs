@@ -49,6 +49,17 @@ pub struct OpaqueStream {
     pub down_len: u64,
     /// Some frames carry no payload (capture level `metadata`, or a parse failure).
     pub missing_payload: bool,
+    /// For an HTTP/2 (gRPC) stream captured `full`: the exchanges the edge mirrored
+    /// from it. Its bytes are re-sent as they were, and the answer is compared exchange
+    /// by exchange with what the edge mirrors of the replay (HPACK and frame layout
+    /// differ between any two connections, so the bytes themselves are not compared).
+    pub mirrored: Vec<HttpExchange>,
+}
+
+/// Whether an exchange was parsed from an HTTP/1 stream (replayed from its record) or
+/// from HTTP/2 (replayed from the stream's bytes, when captured `full`).
+pub fn is_http1(x: &HttpExchange) -> bool {
+    x.protocol.starts_with("HTTP/1") && x.grpc_service.is_empty()
 }
 
 impl Recording {
@@ -74,10 +85,12 @@ impl Recording {
         let http_streams: HashSet<u64> = records
             .iter()
             .filter_map(|r| match &r.body {
-                Body::HttpExchange(x) => Some(x.stream_id),
+                Body::HttpExchange(x) if is_http1(x) => Some(x.stream_id),
                 _ => None,
             })
             .collect();
+        // Exchanges of HTTP/2 streams, by stream: replayed with the stream's bytes.
+        let mut h2: BTreeMap<u64, Vec<HttpExchange>> = BTreeMap::new();
         let mut items = Vec::new();
         let mut streams: BTreeMap<u64, OpaqueStream> = BTreeMap::new();
         // Down frames by offset, so bytes land where they belong even if the records
@@ -85,6 +98,9 @@ impl Recording {
         let mut down: BTreeMap<u64, BTreeMap<u64, Vec<u8>>> = BTreeMap::new();
         for r in &records {
             match &r.body {
+                Body::HttpExchange(x) if !is_http1(x) => {
+                    h2.entry(x.stream_id).or_default().push((**x).clone());
+                }
                 Body::HttpExchange(x) => {
                     if matches!(x.phase, ExchangePhase::Complete | ExchangePhase::Start) {
                         items.push(Item::Http(x.clone()));
@@ -130,7 +146,28 @@ impl Recording {
             if let Some(chunks) = down.remove(&id) {
                 st.down = chunks.into_values().flatten().collect();
             }
+            if let Some(xs) = h2.remove(&id) {
+                if st.missing_payload || st.up.is_empty() {
+                    // Not captured `full`: only the exchange records are left, which
+                    // cannot be re-sent as HTTP/2; the plan says so for each.
+                    items.extend(
+                        xs.into_iter()
+                            .filter(|x| x.phase != ExchangePhase::Message)
+                            .map(|x| Item::Http(Box::new(x))),
+                    );
+                    continue;
+                }
+                st.mirrored = xs;
+            }
             items.push(Item::Stream(st));
+        }
+        // HTTP/2 exchanges of streams whose frames were not read at all.
+        for xs in h2.into_values() {
+            items.extend(
+                xs.into_iter()
+                    .filter(|x| x.phase != ExchangePhase::Message)
+                    .map(|x| Item::Http(Box::new(x))),
+            );
         }
         items.sort_by_key(Item::at);
         Ok(Recording {

@@ -57,6 +57,16 @@ impl Report {
         }
     }
 
+    /// Adds the findings of HTTP/2 streams, compared after the run (one list per stream).
+    pub fn add_streams(&mut self, per_stream: Vec<Vec<ReplayDiff>>) {
+        for f in per_stream {
+            if f.iter().any(|d| kind::is_difference(&d.kind)) {
+                self.differing += 1;
+            }
+            self.findings.extend(f);
+        }
+    }
+
     /// The differences found (exit code 1 when there is any).
     pub fn differences(&self) -> impl Iterator<Item = &ReplayDiff> {
         self.findings

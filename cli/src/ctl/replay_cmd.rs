@@ -58,11 +58,13 @@ pub struct ReplayArgs {
     timeout: Duration,
 }
 
-/// The session's records, read through the query service as the user.
-async fn fetch(ctx: &Ctx, id: &str) -> CtlResult<Vec<Record>> {
+/// The session's records, read through the query service as the user: all of them
+/// (`frames` too), or only events and exchanges.
+async fn fetch(ctx: &Ctx, id: &str, frames: bool) -> CtlResult<Vec<Record>> {
     let mut records = Vec::new();
-    for sql in replay_run::fetch_sql(id) {
-        let answer = run_sql(ctx, &sql, u64::MAX).await?;
+    let sql = replay_run::fetch_sql(id);
+    for sql in &sql[..if frames { 3 } else { 2 }] {
+        let answer = run_sql(ctx, sql, u64::MAX).await?;
         if answer.truncated {
             anyhow::bail!(
                 "session {id} has more records than the query service returns at once ([query] max_rows); raise it to replay this session"
@@ -119,6 +121,10 @@ impl Edge for UserEdge<'_> {
     fn tls(&self) -> anyhow::Result<Arc<rustls::ClientConfig>> {
         self.ctx.tls()
     }
+
+    async fn session_records(&self, session: &str) -> anyhow::Result<Vec<Record>> {
+        fetch(self.ctx, session, false).await
+    }
 }
 
 /// `[####      ] 12/50` on stderr.
@@ -154,7 +160,7 @@ pub async fn replay(ctx: &Ctx, a: ReplayArgs) -> CtlResult<()> {
     };
     // Bad flags fail before anything is read or opened.
     replay_run::options(&ask)?;
-    let records = fetch(ctx, &id).await?;
+    let records = fetch(ctx, &id, true).await?;
     let edge = UserEdge {
         ctx,
         control: connect(ctx).await,

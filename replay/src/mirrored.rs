@@ -1,0 +1,119 @@
+//! HTTP/2 (gRPC) streams are replayed from their bytes and compared through what the
+//! edge mirrored: the source session's exchanges on a stream against the replay
+//! session's exchanges on the stream that replayed it (found by its label, which the
+//! edge records as the stream's `client_addr`).
+
+use std::collections::{BTreeMap, HashMap};
+
+use cloudtap_schemas::{Body, ExchangePhase, HttpExchange, Record, ReplayDiff};
+
+use crate::diff::{self, DiffOptions};
+use crate::engine::STREAM_LABEL;
+use crate::kind;
+use crate::plan::{Plan, Step};
+
+/// Source streams whose answers must be read from the replay session's records.
+pub fn streams(plan: &Plan) -> Vec<u64> {
+    plan.steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Stream(st) if !st.mirrored.is_empty() => Some(st.stream_id),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Exchange records the replay should produce for those streams (heads and ends,
+/// not messages): how many to wait for.
+pub fn expected(plan: &Plan) -> usize {
+    plan.steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Stream(st) => Some(
+                st.mirrored
+                    .iter()
+                    .filter(|x| x.phase != ExchangePhase::Message)
+                    .count(),
+            ),
+            _ => None,
+        })
+        .sum()
+}
+
+/// (phase rank, exchange, message): the order records of one stream are compared in.
+fn key(x: &HttpExchange) -> (u64, u64, u8) {
+    let rank = match x.phase {
+        ExchangePhase::Complete | ExchangePhase::Start => 0,
+        ExchangePhase::Message => 1,
+        ExchangePhase::End => 2,
+    };
+    (x.exchange_index, x.message_index, rank)
+}
+
+/// The replay session's exchanges per source stream they replayed.
+fn replayed(records: &[Record]) -> HashMap<u64, BTreeMap<(u64, u64, u8), HttpExchange>> {
+    let mut label_of: HashMap<u64, u64> = HashMap::new();
+    for r in records {
+        if let Body::StreamOpened(o) = &r.body
+            && let Some(src) = o
+                .client_addr
+                .strip_prefix(STREAM_LABEL)
+                .and_then(|n| n.parse().ok())
+        {
+            label_of.insert(o.stream_id, src);
+        }
+    }
+    let mut out: HashMap<u64, BTreeMap<_, _>> = HashMap::new();
+    for r in records {
+        if let Body::HttpExchange(x) = &r.body
+            && let Some(src) = label_of.get(&x.stream_id)
+        {
+            out.entry(*src).or_default().insert(key(x), (**x).clone());
+        }
+    }
+    out
+}
+
+/// How many head/end exchange records of the replayed streams `records` hold.
+pub fn seen(records: &[Record]) -> usize {
+    replayed(records)
+        .values()
+        .flat_map(|m| m.values())
+        .filter(|x| x.phase != ExchangePhase::Message)
+        .count()
+}
+
+/// Per replayed HTTP/2 stream, its findings.
+pub fn compare(plan: &Plan, replay_records: &[Record], opts: &DiffOptions) -> Vec<Vec<ReplayDiff>> {
+    let got = replayed(replay_records);
+    let empty = BTreeMap::new();
+    let mut out = Vec::new();
+    for step in &plan.steps {
+        let Step::Stream(st) = step else { continue };
+        if st.mirrored.is_empty() {
+            continue;
+        }
+        let theirs = got.get(&st.stream_id).unwrap_or(&empty);
+        let mut found = Vec::new();
+        for x in &st.mirrored {
+            match theirs.get(&key(x)) {
+                Some(g) => found.extend(diff::mirrored(x, g, opts)),
+                None => found.push(ReplayDiff {
+                    stream_id: x.stream_id,
+                    exchange_index: x.exchange_index,
+                    method: x.method.clone(),
+                    path: x.path.clone(),
+                    kind: kind::FAILED.into(),
+                    field: match x.phase {
+                        ExchangePhase::Message => format!("message {}", x.message_index),
+                        _ => "exchange".into(),
+                    },
+                    note: "the edge mirrored no such answer from the replay".into(),
+                    ..Default::default()
+                }),
+            }
+        }
+        out.push(found);
+    }
+    out
+}
