@@ -4,8 +4,9 @@
 //!         [--requests N] [--concurrency C]`
 //!
 //! Starts a fast HTTP/1.1 upstream here (one fixed JSON answer per request, keep-alive),
-//! `cloudtapd all` with it as target `fast`, and `cloudtapctl proxy fast`; captures N
-//! GETs sent on C keep-alive connections (the capture rate); then runs
+//! `cloudtapd all` with it as target `fast`, and `cloudtapctl proxy fast`; sends N GETs
+//! on C keep-alive connections straight to the upstream (the baseline), then the same
+//! through the tunnel (the capture rate); then runs
 //! `cloudtapctl replay <session> --speed max --concurrency C` against the same target
 //! and reads its own rate (sending and diffing) and the wall-clock time of the whole
 //! command (which also rebuilds the session through the query service).
@@ -83,6 +84,47 @@ fn upstream() -> String {
     addr
 }
 
+fn per_conn(a: &Args) -> usize {
+    a.requests / a.concurrency
+}
+
+/// `conc` keep-alive connections to `addr`, `per` GETs one after another on each;
+/// how long it took.
+fn drive(addr: &str, per: usize, conc: usize) -> Duration {
+    let started = Instant::now();
+    let clients: Vec<_> = (0..conc)
+        .map(|c| {
+            let addr = addr.to_owned();
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(&addr).unwrap();
+                let _ = s.set_nodelay(true);
+                let mut rd = BufReader::new(s.try_clone().unwrap());
+                let mut line = String::new();
+                for i in 0..per {
+                    write!(s, "GET /items/{c}/{i} HTTP/1.1\r\nhost: fast\r\n\r\n").unwrap();
+                    let mut len = 0;
+                    loop {
+                        line.clear();
+                        rd.read_line(&mut line).unwrap();
+                        if line.trim_end().is_empty() {
+                            break;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap();
+                        }
+                    }
+                    let mut body = vec![0; len];
+                    rd.read_exact(&mut body).unwrap();
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    started.elapsed()
+}
+
 fn ctl(a: &Args) -> Command {
     let mut c = Command::new(&a.cloudtapctl);
     c.env("CLOUDTAP_DATA_DIR", &a.dir)
@@ -95,11 +137,12 @@ fn main() {
     let _ = std::fs::remove_dir_all(&a.dir);
     std::fs::create_dir_all(&a.dir).unwrap();
     let cfg = a.dir.join("bench.toml");
+    let upstream_addr = upstream();
     std::fs::write(
         &cfg,
         format!(
             "[[targets]]\nname = \"fast\"\nupstream = \"{}\"\nprotocol = \"http1\"\n[policy]\nadmins = [\"dev-admin\"]\n",
-            upstream()
+            upstream_addr
         ),
     )
     .unwrap();
@@ -141,41 +184,11 @@ fn main() {
     let local = v["local_addr"].as_str().unwrap().to_owned();
     let session = v["session_id"].as_str().unwrap().to_owned();
 
-    // Capture: C keep-alive connections, requests one after another on each.
-    let per = a.requests / a.concurrency;
-    let started = Instant::now();
-    let clients: Vec<_> = (0..a.concurrency)
-        .map(|c| {
-            let local = local.clone();
-            std::thread::spawn(move || {
-                let mut s = TcpStream::connect(&local).unwrap();
-                let _ = s.set_nodelay(true);
-                let mut rd = BufReader::new(s.try_clone().unwrap());
-                let mut line = String::new();
-                for i in 0..per {
-                    write!(s, "GET /items/{c}/{i} HTTP/1.1\r\nhost: fast\r\n\r\n").unwrap();
-                    let mut len = 0;
-                    loop {
-                        line.clear();
-                        rd.read_line(&mut line).unwrap();
-                        if line.trim_end().is_empty() {
-                            break;
-                        }
-                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                            len = v.trim().parse().unwrap();
-                        }
-                    }
-                    let mut body = vec![0; len];
-                    rd.read_exact(&mut body).unwrap();
-                }
-            })
-        })
-        .collect();
-    for c in clients {
-        c.join().unwrap();
-    }
-    let capture = started.elapsed();
-    let sent = per * a.concurrency;
+    // Baseline: the same client straight to the upstream, no tunnel.
+    let direct = drive(&upstream_addr, per_conn(&a), a.concurrency);
+    // Capture: the same client through the tunnel.
+    let capture = drive(&local, per_conn(&a), a.concurrency);
+    let sent = per_conn(&a) * a.concurrency;
     let _ = proxy.kill();
     let _ = proxy.wait();
 
@@ -227,10 +240,15 @@ fn main() {
     let _ = d.wait();
 
     let capture_rate = sent as f64 / capture.as_secs_f64();
+    let direct_rate = sent as f64 / direct.as_secs_f64();
     let replay_rate = report["rate"].as_f64().unwrap();
     println!(
         "requests                         {sent} on {} connections",
         a.concurrency
+    );
+    println!(
+        "direct (same client, no tunnel)  {direct_rate:>10.0} req/s  ({:.2} s)",
+        direct.as_secs_f64()
     );
     println!(
         "capture (proxy, same client)     {capture_rate:>10.0} req/s  ({:.2} s)",

@@ -181,9 +181,16 @@ impl Runner {
                 format!("no session {id} that you may read"),
             ));
         }
-        let token = self.token().await?;
-        let bearer = format!("Bearer {token}");
-        let me = self.access.reader(Some(&bearer)).await?;
+        let mut token = self.token().await?;
+        let me = match self.access.reader(Some(&format!("Bearer {token}"))).await {
+            // Revoked or otherwise refused: log in once more.
+            Err(QueryError::Unauthenticated(_)) => {
+                *self.token.lock().await = None;
+                token = self.token().await?;
+                self.access.reader(Some(&format!("Bearer {token}"))).await?
+            }
+            r => r?,
+        };
         let mut records = Vec::new();
         for sql in replay_run::fetch_sql(&id) {
             records.extend(self.rows(&me, &sql).await?);

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use cloudtap_schemas::{Body, ReplayDiff};
+use cloudtap_schemas::{Body, REPLAY_DIFF_KINDS, ReplayDiff};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -89,6 +89,20 @@ impl EdgeState {
                 format!(
                     "{} findings; a run records at most {MAX_FINDINGS} (summarise the rest)",
                     report.diffs.len()
+                ),
+            ));
+        }
+        if let Some(d) = report
+            .diffs
+            .iter()
+            .find(|d| !REPLAY_DIFF_KINDS.contains(&d.kind.as_str()))
+        {
+            return Err(Refusal::new(
+                "invalid_argument",
+                format!(
+                    "a finding of kind {:?}; the kinds are {}",
+                    d.kind,
+                    REPLAY_DIFF_KINDS.join(", ")
                 ),
             ));
         }

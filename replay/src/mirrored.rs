@@ -117,3 +117,73 @@ pub fn compare(plan: &Plan, replay_records: &[Record], opts: &DiffOptions) -> Ve
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rebuild::OpaqueStream;
+    use cloudtap_schemas::{ChainWriter, StreamOpened};
+
+    fn call(stream: u64, index: u64, grpc_status: &str) -> HttpExchange {
+        HttpExchange {
+            stream_id: stream,
+            exchange_index: index,
+            protocol: "HTTP/2".into(),
+            method: "POST".into(),
+            path: format!("/shop.Items/M{index}"),
+            status: 200,
+            grpc_service: "shop.Items".into(),
+            grpc_status: grpc_status.into(),
+            capture: "full".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn replayed_exchanges_are_found_by_their_stream_label_and_compared() {
+        let plan = Plan {
+            steps: vec![Step::Stream(OpaqueStream {
+                stream_id: 1,
+                up: vec![(0, b"x".to_vec())],
+                mirrored: vec![call(1, 0, "0"), call(1, 1, "0")],
+                ..Default::default()
+            })],
+            ..Default::default()
+        };
+        assert_eq!((streams(&plan), expected(&plan)), (vec![1], 2));
+        let mut w = ChainWriter::new(uuid::Uuid::now_v7());
+        let records = vec![
+            w.seal(
+                1,
+                Body::StreamOpened(StreamOpened {
+                    stream_id: 9,
+                    client_addr: crate::engine::stream_label(1),
+                    ..Default::default()
+                }),
+            ),
+            w.seal(2, Body::HttpExchange(Box::new(call(9, 0, "5")))),
+            // Another stream's exchange is no answer for stream 1.
+            w.seal(3, Body::HttpExchange(Box::new(call(4, 1, "0")))),
+        ];
+        assert_eq!(seen(&records), 1);
+        let found = compare(&plan, &records, &DiffOptions::default());
+        let got: Vec<(&str, &str, &str, &str)> = found[0]
+            .iter()
+            .map(|d| {
+                (
+                    d.path.as_str(),
+                    d.kind.as_str(),
+                    d.expected.as_str(),
+                    d.actual.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("/shop.Items/M0", "grpc_status", "0", "5"),
+                ("/shop.Items/M1", "failed", "", ""),
+            ]
+        );
+    }
+}

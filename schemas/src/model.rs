@@ -412,6 +412,20 @@ pub struct BodyCapture {
     pub note: String,
 }
 
+/// The kinds of [`ReplayDiff`] (`replay_diffs.kind`): differences, then notes.
+pub const REPLAY_DIFF_KINDS: [&str; 10] = [
+    "status",
+    "header",
+    "body",
+    "bytes",
+    "grpc_status",
+    "grpc_message",
+    "failed",
+    "skipped",
+    "not_restored",
+    "summary",
+];
+
 /// One finding of a replay run, appended to the run's own chain: a difference between
 /// the recorded and the replayed traffic, a request skipped or sent without what
 /// redaction removed, or the run's closing summary.
@@ -429,8 +443,8 @@ pub struct ReplayDiff {
     /// The request (empty for opaque streams and the summary).
     pub method: String,
     pub path: String,
-    /// `status`, `header`, `body`, `bytes` (differences), `failed` (no answer),
-    /// `skipped`, `not_restored` or `summary`.
+    /// `status`, `header`, `body`, `bytes`, `grpc_status`, `grpc_message`
+    /// (differences), `failed` (no answer), `skipped`, `not_restored` or `summary`.
     pub kind: String,
     /// Where: a JSON path (`$.items[2].price`), a header name, a byte offset.
     pub field: String,
