@@ -181,26 +181,8 @@ pub fn mirrored(x: &HttpExchange, got: &HttpExchange, opts: &DiffOptions) -> Vec
     };
     match (&a.content, &b.content) {
         (Some(ca), Some(cb)) if !a.truncated && !b.truncated => {
-            if let (Ok(va), Ok(vb)) = (
-                serde_json::from_slice::<Value>(ca),
-                serde_json::from_slice::<Value>(cb),
-            ) {
-                let mut path = String::from("$");
-                json(&va, &vb, &mut path, &mut |path, exp, act, note| {
-                    out.push(finding(x, k, path, exp, act, note));
-                });
-            } else if !contains_redacted(ca)
-                && let Some(at) = first_difference(ca, cb)
-            {
-                out.push(finding(
-                    x,
-                    k,
-                    &format!("byte {at}"),
-                    quote(&ca[at..]),
-                    quote(&cb[at.min(cb.len())..]),
-                    &format!("bodies differ from byte {at} ({} B → {} B)", a.size, b.size),
-                ));
-            }
+            let sizes = format!("{} B → {} B", a.size, b.size);
+            content(x, k, ca, cb, &sizes, &mut out);
         }
         _ if a.size != b.size || a.sha256 != b.sha256 => out.push(finding(
             x,
@@ -293,7 +275,7 @@ fn body(x: &HttpExchange, got: &Replayed, out: &mut Vec<ReplayDiff>) {
         return;
     }
     let size_note = || format!("{} B → {} B", rec.size, got.body.len());
-    let Some(content) = &rec.content else {
+    let Some(stored) = &rec.content else {
         // Only size and hash were kept.
         out.push(finding(
             x,
@@ -323,50 +305,69 @@ fn body(x: &HttpExchange, got: &Replayed, out: &mut Vec<ReplayDiff>) {
         ));
         return;
     };
-    if !rec.truncated
-        && let (Ok(a), Ok(b)) = (
-            serde_json::from_slice::<Value>(content),
-            serde_json::from_slice::<Value>(&now),
-        )
-    {
-        let mut path = String::from("$");
-        json(&a, &b, &mut path, &mut |path, exp, act, note| {
-            out.push(finding(x, kind::BODY, path, exp, act, note));
-        });
+    if !rec.truncated {
+        content(x, kind::BODY, stored, &now, &size_note(), out);
         return;
     }
-    let compared = if rec.truncated {
-        &now[..now.len().min(content.len())]
-    } else {
-        &now[..]
-    };
-    if contains_redacted(content) {
-        // A non-JSON body with redacted parts cannot be compared byte by byte, and
-        // its hash is of the unredacted original: nothing reliable to say.
-        return;
+    // Stored truncated: compare the stored part, and say the rest differs by hash.
+    let compared = &now[..now.len().min(stored.len())];
+    if contains_redacted(stored) {
+        return; // as in `content`
     }
-    match first_difference(content, compared) {
+    match first_difference(stored, compared) {
         Some(at) => out.push(finding(
             x,
             kind::BODY,
             &format!("byte {at}"),
-            quote(&content[at..]),
+            quote(&stored[at..]),
             quote(&now[at.min(now.len())..]),
             &format!("bodies differ from byte {at} ({})", size_note()),
         )),
-        None if rec.truncated => out.push(finding(
+        None => out.push(finding(
             x,
             kind::BODY,
-            &format!("byte {}", content.len()),
+            &format!("byte {}", stored.len()),
             String::new(),
             String::new(),
             &format!(
                 "the stored first {} B agree; the rest differs by hash ({})",
-                content.len(),
+                stored.len(),
                 size_note()
             ),
         )),
-        None => {}
+    }
+}
+
+/// Two whole bodies: structurally when both are JSON, else from the first differing
+/// byte. A non-JSON recorded body with redacted parts cannot be compared byte by byte
+/// (and its hash is of the unredacted original): nothing reliable to say about it.
+fn content(
+    x: &HttpExchange,
+    k: &str,
+    recorded: &[u8],
+    now: &[u8],
+    sizes: &str,
+    out: &mut Vec<ReplayDiff>,
+) {
+    if let (Ok(a), Ok(b)) = (
+        serde_json::from_slice::<Value>(recorded),
+        serde_json::from_slice::<Value>(now),
+    ) {
+        let mut path = String::from("$");
+        json(&a, &b, &mut path, &mut |path, exp, act, note| {
+            out.push(finding(x, k, path, exp, act, note));
+        });
+    } else if !contains_redacted(recorded)
+        && let Some(at) = first_difference(recorded, now)
+    {
+        out.push(finding(
+            x,
+            k,
+            &format!("byte {at}"),
+            quote(&recorded[at..]),
+            quote(&now[at.min(now.len())..]),
+            &format!("bodies differ from byte {at} ({sizes})"),
+        ));
     }
 }
 
