@@ -41,6 +41,8 @@ pub struct Runner {
     engine: Arc<QueryEngine>,
     access: EdgeAccess,
     me: Identity,
+    /// `[replay.headers]`: per target, set on every request unless the run sets them.
+    headers: cloudtap_edge::config::ReplayHeaders,
     /// The service's user token and its expiry (unix seconds).
     token: tokio::sync::Mutex<Option<(String, i64)>>,
 }
@@ -86,6 +88,7 @@ impl Runner {
     pub fn new(engine: Arc<QueryEngine>, state: Arc<EdgeState>, me: Identity) -> Arc<Self> {
         Arc::new(Self {
             engine,
+            headers: state.config().replay.headers.clone(),
             access: EdgeAccess(state),
             me,
             token: tokio::sync::Mutex::new(None),
@@ -141,7 +144,7 @@ impl Runner {
             })?
             .hyphenated()
             .to_string();
-        let ask = Ask {
+        let mut ask = Ask {
             target: req.target.filter(|t| !t.is_empty()),
             speed: req.speed.unwrap_or_default(),
             concurrency: req.concurrency.filter(|c| *c > 0).unwrap_or(8),
@@ -180,6 +183,32 @@ impl Runner {
                 "not_found",
                 format!("no session {id} that you may read"),
             ));
+        }
+        // Credentials from `[replay.headers]` for the target sent to, unless the run
+        // gives its own.
+        let target = match (&ask.target, &visible[0].body) {
+            (Some(t), _) => t.clone(),
+            (None, cloudtap_schemas::Body::SessionOpened(o)) => o.target.clone(),
+            (None, _) => String::new(),
+        };
+        if let Some(configured) = self.headers.0.get(&target) {
+            let given: Vec<String> = ask
+                .headers
+                .iter()
+                .filter_map(|h| {
+                    h.split_once(':')
+                        .map(|(n, _)| n.trim().to_ascii_lowercase())
+                })
+                .collect();
+            ask.headers.extend(
+                configured
+                    .iter()
+                    .filter(|h| {
+                        h.split_once(':')
+                            .is_none_or(|(n, _)| !given.contains(&n.trim().to_ascii_lowercase()))
+                    })
+                    .cloned(),
+            );
         }
         let mut token = self.token().await?;
         let me = match self.access.reader(Some(&format!("Bearer {token}"))).await {
@@ -471,6 +500,12 @@ pub fn identity_tls(
     cfg: &cloudtap_edge::config::EdgeConfig,
     data_dir: &std::path::Path,
 ) -> anyhow::Result<Option<Arc<rustls::ClientConfig>>> {
+    for (target, headers) in &cfg.replay.headers.0 {
+        for h in headers {
+            cloudtap_replay::plan::parse_header(h)
+                .with_context(|| format!("[replay.headers] {target}"))?;
+        }
+    }
     let pki = cloudtap_edge::pki::DevPki::new(data_dir);
     let ca = match &cfg.tls {
         Some(t) => t.client_ca.clone(),

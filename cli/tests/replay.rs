@@ -728,7 +728,8 @@ fn cloudtapd_replay_runs_alone_beside_an_edge() {
             "[policy]\nadmins = [\"dev-admin\"]\nauditors = [\"cloudtap-replay\"]\n\n\
              [[policy.rules]]\nidentities = [\"cloudtap-replay\"]\ntargets = [\"*\"]\n\n\
              [[targets]]\nname = \"v1\"\nupstream = \"{}\"\nprotocol = \"http1\"\n\n\
-             [[targets]]\nname = \"v2\"\nupstream = \"{}\"\nprotocol = \"http1\"\n",
+             [[targets]]\nname = \"v2\"\nupstream = \"{}\"\nprotocol = \"http1\"\n\n\
+             [replay.headers]\nv2 = [\"Authorization: Bearer s3cret\"]\n",
             v1.addr, v2.addr
         ),
     )
@@ -736,12 +737,9 @@ fn cloudtapd_replay_runs_alone_beside_an_edge() {
     let cfg = cfg.to_str().unwrap();
     let _edge = Daemon::start("edge", data.path(), &["--config", cfg, "--log", &log]);
     let source = record(data.path(), "v1", |local| {
-        requests(
-            local,
-            &(1..=8)
-                .map(|n| get(&format!("/items/{n}")))
-                .collect::<Vec<_>>(),
-        )
+        let mut reqs: Vec<String> = (1..=8).map(|n| get(&format!("/items/{n}"))).collect();
+        reqs.push("GET /me HTTP/1.1\r\nhost: api\r\nauthorization: Bearer s3cret\r\n\r\n".into());
+        requests(local, &reqs)
     });
 
     let mut node = cloudtapd()
@@ -785,7 +783,7 @@ fn cloudtapd_replay_runs_alone_beside_an_edge() {
             &admin,
             &serde_json::json!({"source_session": source, "target": "v2", "speed": "max"}),
         );
-        if status == 200 && report["http_requests"] == 8 {
+        if status == 200 && report["http_requests"] == 9 {
             break report;
         }
         assert!(
@@ -805,6 +803,8 @@ fn cloudtapd_replay_runs_alone_beside_an_edge() {
         "{report}"
     );
     assert!(!report["run_id"].as_str().unwrap().is_empty());
+    // The redacted credential came from [replay.headers] for v2: /me answered 200.
+    assert_eq!(report["not_restored"], 0, "{report}");
     let _ = node.kill();
     let _ = node.wait();
 }

@@ -74,6 +74,28 @@ pub struct EdgeConfig {
 pub struct ReplayConfig {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    /// Per target, `Name: value` headers the service sets on every replayed request:
+    /// the credentials redaction removed from recordings, given once here instead of
+    /// with every run. A run's own `headers` win over these by name.
+    #[serde(default)]
+    pub headers: ReplayHeaders,
+}
+
+/// `[replay.headers]`: target → headers. Secrets: never shown by `Debug`.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct ReplayHeaders(pub std::collections::BTreeMap<String, Vec<String>>);
+
+impl std::fmt::Debug for ReplayHeaders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map()
+            .entries(
+                self.0
+                    .iter()
+                    .map(|(t, h)| (t, format!("{} headers (not shown)", h.len()))),
+            )
+            .finish()
+    }
 }
 
 /// `[query]`: limits every SQL query runs under.

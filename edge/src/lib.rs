@@ -96,6 +96,13 @@ pub struct EdgeState {
 }
 
 impl EdgeState {
+    /// The configuration this edge (or node) runs with.
+    pub fn config(&self) -> &EdgeConfig {
+        &self.cfg
+    }
+}
+
+impl EdgeState {
     /// TLS connector for a target's upstream, built once.
     pub(crate) fn upstream_tls(
         &self,

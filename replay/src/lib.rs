@@ -41,7 +41,8 @@ pub enum ReplayError {
     NotFound(String),
     #[error("bad --only filter {filter:?}: {reason}")]
     Filter { filter: String, reason: String },
-    #[error("bad --header {0:?}: write it as 'Name: value'")]
+    /// What is wrong, never the value (it may be a credential).
+    #[error("bad --header: {0}; write it as 'Name: value'")]
     Header(String),
     #[error("bad --speed {0:?}: use 1 (recorded pace), N (N times faster) or max")]
     Speed(String),

@@ -40,14 +40,22 @@ pub struct PlanOptions {
 pub fn parse_header(s: &str) -> Result<(String, String), ReplayError> {
     let (name, value) = s
         .split_once(':')
-        .ok_or_else(|| ReplayError::Header(s.into()))?;
+        .ok_or_else(|| ReplayError::Header("it has no ':'".into()))?;
     let name = name.trim();
     let valid = !name.is_empty()
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-    if !valid || value.contains(['\r', '\n']) {
-        return Err(ReplayError::Header(s.into()));
+    if !valid {
+        let shown: String = name.chars().take(40).collect();
+        return Err(ReplayError::Header(format!(
+            "{shown:?} is not a header name"
+        )));
+    }
+    if value.contains(['\r', '\n']) {
+        return Err(ReplayError::Header(format!(
+            "the value of {name} holds a line break"
+        )));
     }
     Ok((name.to_ascii_lowercase(), value.trim().to_owned()))
 }
@@ -488,5 +496,10 @@ mod tests {
         assert!(parse_header("novalue").is_err());
         assert!(parse_header("bad name: v").is_err());
         assert!(parse_header("a: b\r\nc: d").is_err());
+        // The value may be a credential: errors never show it.
+        for bad in ["Authorization Bearer s3cret", "x-key: s3cret\nmore"] {
+            let e = parse_header(bad).unwrap_err().to_string();
+            assert!(!e.contains("s3cret"), "{e}");
+        }
     }
 }

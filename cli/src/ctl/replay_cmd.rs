@@ -40,8 +40,13 @@ pub struct ReplayArgs {
     #[arg(long, default_value = "")]
     only: String,
     /// 'Name: value' set on every request; the only source of credentials that
-    /// redaction removed (repeatable).
-    #[arg(long = "header")]
+    /// redaction removed (repeatable; CLOUDTAP_REPLAY_HEADERS holds them one per line).
+    #[arg(
+        long = "header",
+        env = "CLOUDTAP_REPLAY_HEADERS",
+        value_delimiter = '\n',
+        hide_env_values = true
+    )]
     headers: Vec<String>,
     /// A response header not to compare, on top of the defaults (Date, request and
     /// trace ids, …) (repeatable).
