@@ -210,6 +210,14 @@ impl Runner {
                     .cloned(),
             );
         }
+        // The caller must also be allowed to reach the target: else the service would
+        // send their recording where they may not (with its own credentials).
+        let caller_auth = cloudtap_edge::control::Caller::from_authorization(authorization);
+        self.access
+            .0
+            .may_reach(&caller_auth, &target)
+            .await
+            .map_err(|r| RunError::new("forbidden", r.message))?;
         let mut token = self.token().await?;
         let me = match self.access.reader(Some(&format!("Bearer {token}"))).await {
             // Revoked or otherwise refused: log in once more.
@@ -234,12 +242,11 @@ impl Runner {
             ));
         }
         let edge = ServiceEdge {
-            me: self.me.clone(),
-            token,
+            runner: self,
             engine: self.engine.clone(),
             reader: me,
         };
-        replay_run::replay(
+        let mut report = replay_run::replay(
             &edge,
             &id,
             &records,
@@ -254,7 +261,12 @@ impl Runner {
                 if refused { "forbidden" } else { "failed" },
                 format!("{e:#}"),
             )
-        })
+        })?;
+        // The caller sees the findings as they are stored: redacted.
+        for d in &mut report.findings {
+            self.access.0.redact_finding(d);
+        }
+        Ok(report)
     }
 }
 
@@ -282,48 +294,61 @@ async fn rows(engine: &QueryEngine, reader: &Reader, sql: &str) -> Result<Vec<Re
 }
 
 /// The edge as the replay service reaches it: gRPC, with the service's token.
-struct ServiceEdge {
-    me: Identity,
-    token: String,
+struct ServiceEdge<'a> {
+    runner: &'a Runner,
     engine: Arc<QueryEngine>,
     reader: Reader,
 }
 
-impl ServiceEdge {
+impl ServiceEdge<'_> {
     async fn channel(&self) -> anyhow::Result<tonic::transport::Channel> {
-        Endpoint::from_shared(self.me.edge_grpc.clone())?
+        Endpoint::from_shared(self.runner.me.edge_grpc.clone())?
             .connect_timeout(Duration::from_secs(3))
             .connect()
             .await
             .with_context(|| {
                 format!(
                     "cannot reach the edge's control plane at {}",
-                    self.me.edge_grpc
+                    self.runner.me.edge_grpc
                 )
             })
     }
 
-    fn req<T>(&self, msg: T) -> tonic::Request<T> {
-        let mut r = tonic::Request::new(msg);
-        if let Ok(v) = format!("Bearer {}", self.token).parse() {
-            r.metadata_mut().insert("authorization", v);
-        }
-        r
+    /// `msg` with the service's token, fetched again when it is running out (a run
+    /// at `--speed 1` can outlast one).
+    async fn req<T>(&self, msg: T) -> anyhow::Result<tonic::Request<T>> {
+        let token = self
+            .runner
+            .token()
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        Ok(bearer(msg, &token))
     }
 }
 
+fn bearer<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    if let Ok(v) = format!("Bearer {token}").parse() {
+        r.metadata_mut().insert("authorization", v);
+    }
+    r
+}
+
 #[async_trait::async_trait]
-impl Edge for ServiceEdge {
+impl Edge for ServiceEdge<'_> {
     async fn open_tunnel(
         &self,
         target: &str,
         replay_of: &str,
     ) -> anyhow::Result<pb::OpenTunnelResponse> {
         let mut c = pb::tunnel_service_client::TunnelServiceClient::new(self.channel().await?);
-        Ok(c.open_tunnel(self.req(pb::OpenTunnelRequest {
-            target: target.into(),
-            replay_of: replay_of.into(),
-        }))
+        Ok(c.open_tunnel(
+            self.req(pb::OpenTunnelRequest {
+                target: target.into(),
+                replay_of: replay_of.into(),
+            })
+            .await?,
+        )
         .await
         .map_err(|s| {
             anyhow::anyhow!(
@@ -338,12 +363,15 @@ impl Edge for ServiceEdge {
         let mut c = rpb::replay_recorder_client::ReplayRecorderClient::new(self.channel().await?)
             .max_encoding_message_size(64 << 20);
         let r = c
-            .record(self.req(rpb::RecordRequest {
-                source_session: report.source_session,
-                replay_session: report.replay_session,
-                target: report.target,
-                diffs: report.diffs.into_iter().map(Into::into).collect(),
-            }))
+            .record(
+                self.req(rpb::RecordRequest {
+                    source_session: report.source_session,
+                    replay_session: report.replay_session,
+                    target: report.target,
+                    diffs: report.diffs.into_iter().map(Into::into).collect(),
+                })
+                .await?,
+            )
             .await
             .map_err(|s| anyhow::anyhow!("{}", s.message()))?
             .into_inner();
@@ -354,18 +382,34 @@ impl Edge for ServiceEdge {
     }
 
     async fn close(&self, session_id: &str) {
-        if let Ok(ch) = self.channel().await {
+        let req = self
+            .req(pb::CloseTunnelRequest {
+                selector: session_id.into(),
+            })
+            .await;
+        if let (Ok(ch), Ok(req)) = (self.channel().await, req) {
             let mut c = pb::tunnel_service_client::TunnelServiceClient::new(ch);
-            let _ = c
-                .close_tunnel(self.req(pb::CloseTunnelRequest {
-                    selector: session_id.into(),
-                }))
-                .await;
+            let _ = c.close_tunnel(req).await;
         }
     }
 
+    async fn renew(&self, session_id: &str, session_token: &str) -> anyhow::Result<(String, i64)> {
+        let mut c = pb::tunnel_service_client::TunnelServiceClient::new(self.channel().await?);
+        let r = c
+            .renew_token(bearer(
+                pb::RenewTokenRequest {
+                    session_id: session_id.into(),
+                },
+                session_token,
+            ))
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+            .into_inner();
+        Ok((r.session_token, r.expires_unix))
+    }
+
     fn tls(&self) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-        Ok(self.me.tls.clone())
+        Ok(self.runner.me.tls.clone())
     }
 
     async fn session_records(&self, session: &str) -> anyhow::Result<Vec<Record>> {
@@ -381,8 +425,9 @@ impl Edge for ServiceEdge {
     }
 }
 
-/// A run as `POST /v1/replay-runs` takes it (the fields of `RunRequest`).
-#[derive(Debug, Default, Deserialize)]
+/// A run as `POST /v1/replay-runs` takes it (the fields of `RunRequest`). Not `Debug`:
+/// `headers` may hold credentials.
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunBody {
     pub source_session: String,

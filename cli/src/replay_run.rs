@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cloudtap_edge::client::{StreamOpener, Tunnel};
-use cloudtap_edge::replays::{MAX_FINDINGS, Recorded, ReplayReport};
+use cloudtap_edge::replays::{MAX_FINDINGS, Recorded, ReplayReport, cut_fields};
 use cloudtap_proto::tunnel::v1 as pb;
 use cloudtap_replay::diff::{DEFAULT_IGNORED, DiffOptions};
 use cloudtap_replay::plan::parse_header;
@@ -91,6 +91,8 @@ pub trait Edge: Send + Sync {
     ) -> anyhow::Result<pb::OpenTunnelResponse>;
     async fn record(&self, report: ReplayReport) -> anyhow::Result<Recorded>;
     async fn close(&self, session_id: &str);
+    /// A fresh session token for the replay's session: (token, expiry in unix seconds).
+    async fn renew(&self, session_id: &str, session_token: &str) -> anyhow::Result<(String, i64)>;
     fn tls(&self) -> anyhow::Result<Arc<rustls::ClientConfig>>;
     /// A session's events and exchanges, as the replayer may read them.
     async fn session_records(&self, session: &str) -> anyhow::Result<Vec<Record>>;
@@ -114,10 +116,29 @@ impl Dialer for TunnelDialer {
     }
 }
 
+/// Renews the session token at two thirds of its life; returns only on refusal.
+async fn keep_renewed(
+    edge: &dyn Edge,
+    session_id: &str,
+    mut token: String,
+    mut expires: i64,
+) -> anyhow::Error {
+    loop {
+        let left = (expires - cloudtap_edge::token::now_unix()).max(0) as u64;
+        tokio::time::sleep(Duration::from_secs((left * 2 / 3).max(1))).await;
+        match edge.renew(session_id, &token).await {
+            Ok((t, e)) => {
+                token = t;
+                expires = e;
+            }
+            Err(e) => return e,
+        }
+    }
+}
+
 /// Replays the session `records` hold. `announce` hears what will be sent before
-/// anything is. The findings are recorded before the tunnel closes; if that fails the
-/// error says so, and the report is lost only from the log, not from the answer:
-/// it comes back in the error's context.
+/// anything is. The findings are recorded before the tunnel closes; if that fails, the
+/// error says so (with the counts; the report itself may hold unredacted answers).
 pub async fn replay(
     edge: &dyn Edge,
     source: &str,
@@ -154,35 +175,61 @@ pub async fn replay(
         return Ok(report);
     }
     let opened = edge.open_tunnel(&target, source).await?;
-    let tunnel = Tunnel::attach(
-        &edge.tls()?,
-        &opened.tunnel_addr,
-        &opened.session_token,
-        &target,
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("cannot attach to the replay's tunnel: {e}"))?;
+    let attached = match edge.tls() {
+        Ok(tls) => Tunnel::attach(&tls, &opened.tunnel_addr, &opened.session_token, &target)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot attach to the replay's tunnel: {e}")),
+        Err(e) => Err(e),
+    };
+    let tunnel = match attached {
+        Ok(t) => t,
+        Err(e) => {
+            edge.close(&opened.session_id).await;
+            return Err(e);
+        }
+    };
     let progress = progress.filter(|_| plan.steps.len() > 1);
     let diff_opts = run_opts.diff.clone();
-    let mut report = cloudtap_replay::run(
+    let run = cloudtap_replay::run(
         plan.clone(),
         Arc::new(TunnelDialer(tunnel.opener())),
         run_opts,
         progress,
-    )
-    .await;
+    );
+    // The session token is short-lived: renew it while the replay runs, as `proxy`
+    // does, or a long replay (`--speed 1`) would lose its tunnel half way.
+    let renewing = keep_renewed(
+        edge,
+        &opened.session_id,
+        opened.session_token.clone(),
+        opened.expires_unix,
+    );
+    tokio::pin!(renewing);
+    let mut report = tokio::select! {
+        r = run => r,
+        e = &mut renewing => {
+            edge.close(&opened.session_id).await;
+            tunnel.close();
+            return Err(e.context("the edge refused to renew the replay's session token, so the replay stopped"));
+        }
+    };
     // HTTP/2 streams are compared through what the edge mirrored of the replay, which
     // it appends as it parses: wait for it (bounded), then compare.
     if !mirrored::streams(&plan).is_empty() {
         let want = mirrored::expected(&plan);
         let deadline = tokio::time::Instant::now() + MIRROR_WAIT;
-        let records = loop {
-            let records = edge.session_records(&opened.session_id).await?;
+        let mut records = Vec::new();
+        loop {
+            // A failed read is tried again until the deadline; then whatever was read
+            // is compared (what is missing shows as `failed`).
+            if let Ok(r) = edge.session_records(&opened.session_id).await {
+                records = r;
+            }
             if mirrored::seen(&records) >= want || tokio::time::Instant::now() >= deadline {
-                break records;
+                break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+        }
         report.add_streams(mirrored::compare(&plan, &records, &diff_opts));
     }
     report.source_session = source.into();
@@ -191,8 +238,16 @@ pub async fn replay(
 
     // Recorded while the replay session is open: the edge checks it is this caller's
     // replay of this session.
-    let mut diffs = report.findings.clone();
+    // Cut as the edge would (so a long report still fits one call), and when there are
+    // more than a run may record, keep the differences before the notes.
+    let (mut diffs, notes): (Vec<_>, Vec<_>) = report
+        .findings
+        .iter()
+        .cloned()
+        .partition(|d| cloudtap_replay::kind::is_difference(&d.kind));
+    diffs.extend(notes);
     diffs.truncate(MAX_FINDINGS - 1);
+    diffs.iter_mut().for_each(cut_fields);
     let mut summary = report.summary();
     if report.findings.len() >= MAX_FINDINGS {
         summary.note += &format!(
@@ -213,9 +268,10 @@ pub async fn replay(
     edge.close(&opened.session_id).await;
     tunnel.close();
     let recorded = recorded.map_err(|e| {
-        let json = serde_json::to_string(&report).unwrap_or_default();
         e.context(format!(
-            "the replay ran, but the edge did not record its findings; the report: {json}"
+            "the replay ran ({} differing of {} sent), but the edge did not record its findings",
+            report.differing,
+            report.http_requests + report.streams
         ))
     })?;
     report.run_id = recorded.run_id;

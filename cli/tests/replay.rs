@@ -964,3 +964,42 @@ fn a_grpc_stream_captured_full_replays_and_compares_status_and_messages() {
         "{diffs:?}"
     );
 }
+
+/// A replay that lasts longer than a session token (10 s here) renews it, as `proxy`
+/// does, and keeps its tunnel.
+#[test]
+fn a_slow_replay_outlives_its_session_token() {
+    let data = tempfile::tempdir().unwrap();
+    let (addr, seen) = echo();
+    let cfg = config(data.path(), &[("echo", &addr, "tcp")]);
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text += "[tokens]\nsession_ttl_secs = 10\n";
+    std::fs::write(&cfg, text).unwrap();
+    let _d = Daemon::start("all", data.path(), &["--config", cfg.to_str().unwrap()]);
+    let source = record(data.path(), "echo", |local| {
+        let mut c = TcpStream::connect(local).unwrap();
+        for (i, m) in [b"first\n".as_slice(), b"second\n".as_slice()]
+            .iter()
+            .enumerate()
+        {
+            c.write_all(m).unwrap();
+            let mut back = vec![0; m.len()];
+            c.read_exact(&mut back).unwrap();
+            if i == 0 {
+                std::thread::sleep(Duration::from_millis(1300));
+            }
+        }
+    });
+    wait_rows(
+        data.path(),
+        &format!("SELECT stream_id FROM streams WHERE session_id = '{source}'"),
+        1,
+    );
+    // A tenth of the recorded pace: the second message goes 13 s in, past the token.
+    let (code, report, err) = replay(data.path(), &[&source, "--allow-writes", "--speed", "0.1"]);
+    assert_eq!(code, 0, "{report} {err}");
+    assert_eq!(differences(&report), vec![]);
+    let seen = seen.lock().unwrap();
+    let replayed: Vec<u8> = seen[1].iter().flat_map(|(_, b)| b.clone()).collect();
+    assert_eq!(replayed, b"first\nsecond\n");
+}

@@ -13,6 +13,7 @@ use uuid::Uuid;
 use crate::EdgeState;
 use crate::config::Backpressure;
 use crate::control::{Caller, Refusal};
+use crate::mirror::redact::REDACTED;
 use crate::tap::{ChainMeta, GapCounter};
 
 /// Findings one run may record; past this the client says how many it left out.
@@ -35,6 +36,19 @@ pub struct ReplayReport {
 pub struct Recorded {
     pub run_id: String,
     pub records: u64,
+}
+
+/// A finding's texts cut to [`MAX_FIELD`] (the edge does it again on receipt).
+pub fn cut_fields(d: &mut ReplayDiff) {
+    for s in [
+        &mut d.expected,
+        &mut d.actual,
+        &mut d.note,
+        &mut d.field,
+        &mut d.path,
+    ] {
+        cut(s);
+    }
 }
 
 fn cut(s: &mut String) {
@@ -113,11 +127,7 @@ impl EdgeState {
             d.replay_session = session.id.hyphenated().to_string();
             d.target.clone_from(&target);
             self.redact_finding(d);
-            cut(&mut d.expected);
-            cut(&mut d.actual);
-            cut(&mut d.note);
-            cut(&mut d.field);
-            cut(&mut d.path);
+            cut_fields(d);
         }
         let run = Uuid::now_v7();
         let unavailable = |e: crate::tap::TapError| Refusal::new("log_unavailable", e.to_string());
@@ -127,9 +137,11 @@ impl EdgeState {
                 run,
                 None,
                 gaps.clone(),
+                // No target: live, only admins and auditors see a run's findings (SQL
+                // scopes them by both sessions, which a live watcher cannot check).
                 ChainMeta {
                     session_id: None,
-                    target: target.clone(),
+                    target: String::new(),
                     identity: claims.sub.clone(),
                 },
             )
@@ -137,6 +149,7 @@ impl EdgeState {
             .map_err(unavailable)?;
         let n = report.diffs.len() as u64;
         let mut diffs = report.diffs.into_iter().peekable();
+        let mut appended = Ok(());
         while let Some(d) = diffs.next() {
             // The last one durable: the answer means the whole run is stored.
             let mode = if diffs.peek().is_none() {
@@ -144,12 +157,17 @@ impl EdgeState {
             } else {
                 Backpressure::Block
             };
-            self.tap
+            appended = self
+                .tap
                 .record(run, Body::ReplayDiff(Box::new(d)), mode, &gaps)
-                .await
-                .map_err(unavailable)?;
+                .await;
+            if appended.is_err() {
+                break;
+            }
         }
+        // Closed on every path, so the tap forgets the chain.
         let _ = self.tap.close_chain(run).await;
+        appended.map_err(unavailable)?;
         self.audit(
             &claims.sub,
             "replay",
@@ -168,29 +186,36 @@ impl EdgeState {
 
 impl EdgeState {
     /// The replayed side of a finding is a fresh answer, never redacted: apply the
-    /// edge's rules to it before it is stored, as the mirror does to every exchange.
-    /// A secret header, or a JSON field whose last key is secret, loses both values;
-    /// patterns are removed from every text.
-    fn redact_finding(&self, d: &mut ReplayDiff) {
+    /// edge's rules to it before it is stored (or shown by the replay service), as the
+    /// mirror does to every exchange.
+    ///
+    /// - A secret header loses both values.
+    /// - A JSON value is put back where its path says and run through the JSON rules
+    ///   (secret keys anywhere on the path or inside the value, `json_paths`, patterns);
+    ///   a value that no longer parses (cut to 1 KiB) is not kept.
+    /// - Quotes of other bodies (`byte N`) are not kept: only JSON is understood well
+    ///   enough to redact; the note keeps the offset and the sizes.
+    /// - Patterns are removed from every text.
+    pub fn redact_finding(&self, d: &mut ReplayDiff) {
         let r = &self.redactor;
-        let last_key = d
-            .field
-            .rsplit(['.', '['])
-            .next()
-            .unwrap_or("")
-            .trim_end_matches(']')
-            .trim_matches('"');
-        let secret = match d.kind.as_str() {
-            "header" => r.header_is_secret(&d.field),
-            "body" => d.field.starts_with('$') && r.field_is_secret(last_key),
-            _ => false,
-        };
-        if secret {
+        let header = matches!(d.kind.as_str(), "header" | "grpc_message")
+            && !d.field.starts_with('$')
+            && !d.field.contains(' ');
+        if header && r.header_is_secret(&d.field) {
             for v in [&mut d.expected, &mut d.actual] {
                 if !v.is_empty() {
-                    *v = crate::mirror::redact::REDACTED.to_owned();
+                    *v = REDACTED.to_owned();
                 }
             }
+        } else if d.field.starts_with('$') {
+            for v in [&mut d.expected, &mut d.actual] {
+                if !v.is_empty() {
+                    *v = redact_at(r, &d.field, v);
+                }
+            }
+        } else if d.field.starts_with("byte ") {
+            d.expected.clear();
+            d.actual.clear();
         }
         for v in [
             &mut d.expected,
@@ -204,11 +229,134 @@ impl EdgeState {
             }
         }
     }
+
+    /// Whether the caller may open a tunnel to `target` (policy and token scope);
+    /// refusals are records, as for `OpenTunnel`.
+    pub async fn may_reach(&self, caller: &Caller, target: &str) -> Result<String, Refusal> {
+        let claims = self.authenticate(caller, "replay_run", target).await?;
+        if !claims.allows_target(target) || !self.policy.allows(&claims.sub, target) {
+            return Err(Refusal::new(
+                "forbidden",
+                format!(
+                    "policy does not let {:?} reach {target:?}, so it may not have it replayed there either",
+                    claims.sub
+                ),
+            ));
+        }
+        Ok(claims.sub)
+    }
+}
+
+/// Largest array index a finding's path may name and still be checked (and kept).
+const MAX_INDEX: usize = 10_000;
+
+/// One step of a JSON path as `diff` writes them: `.key`, `["key"]`, `[3]`.
+enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+fn parse_path(path: &str) -> Option<Vec<Seg>> {
+    let mut rest = path.strip_prefix('$')?;
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        if let Some(r) = rest.strip_prefix('.') {
+            let end = r.find(['.', '[']).unwrap_or(r.len());
+            out.push(Seg::Key(r[..end].to_owned()));
+            rest = &r[end..];
+        } else if rest.starts_with("[\"") {
+            // A JSON string, then `]`.
+            let mut de = serde_json::Deserializer::from_str(&rest[1..]).into_iter::<String>();
+            let key = de.next()?.ok()?;
+            let used = 1 + de.byte_offset();
+            out.push(Seg::Key(key));
+            rest = rest[used..].strip_prefix(']')?;
+        } else if let Some(r) = rest.strip_prefix('[') {
+            let end = r.find(']')?;
+            let i: usize = r[..end].parse().ok()?;
+            // The path comes from the client: no index worth a big allocation.
+            if i > MAX_INDEX {
+                return None;
+            }
+            out.push(Seg::Index(i));
+            rest = &r[end + 1..];
+        } else {
+            return None;
+        }
+    }
+    Some(out)
+}
+
+/// `text` (a JSON value found at `path`) as the JSON rules leave it.
+fn redact_at(r: &crate::mirror::redact::Redactor, path: &str, text: &str) -> String {
+    use serde_json::Value;
+    let (Ok(value), Some(segs)) = (serde_json::from_str::<Value>(text), parse_path(path)) else {
+        return "(not kept: cut, so not checked for secrets)".to_owned();
+    };
+    // Put it back where it was, run the rules over the whole, take it out again.
+    let mut root = value;
+    for seg in segs.iter().rev() {
+        root = match seg {
+            Seg::Key(k) => Value::Object([(k.clone(), root)].into_iter().collect()),
+            Seg::Index(i) => {
+                let mut items = vec![Value::Null; *i];
+                items.push(root);
+                Value::Array(items)
+            }
+        };
+    }
+    r.json(&mut root);
+    // Absent when a secret higher up replaced the whole subtree.
+    let found = segs.iter().try_fold(&root, |v, seg| match (seg, v) {
+        (Seg::Key(k), Value::Object(m)) => m.get(k),
+        (Seg::Index(i), Value::Array(a)) => a.get(*i),
+        _ => None,
+    });
+    match found {
+        Some(v) => v.to_string(),
+        None => Value::String(REDACTED.into()).to_string(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_paths_parse_as_diff_writes_them() {
+        let segs = parse_path(r#"$.items[2]["a b"].price"#).unwrap();
+        let shown: Vec<String> = segs
+            .iter()
+            .map(|s| match s {
+                Seg::Key(k) => k.clone(),
+                Seg::Index(i) => i.to_string(),
+            })
+            .collect();
+        assert_eq!(shown, ["items", "2", "a b", "price"]);
+        assert!(parse_path("byte 3").is_none());
+        assert!(parse_path("$[x]").is_none());
+    }
+
+    #[test]
+    fn secrets_in_replayed_values_are_removed_wherever_they_sit() {
+        let r = crate::mirror::redact::Redactor::new(&Default::default()).unwrap();
+        // A secret key on the path, inside the value, and a value past a secret key.
+        assert_eq!(
+            redact_at(&r, "$.user.password", r#""hunter2""#),
+            r#""[REDACTED]""#
+        );
+        assert_eq!(
+            redact_at(&r, "$.user", r#"{"name":"a","password":"hunter2"}"#),
+            r#"{"name":"a","password":"[REDACTED]"}"#
+        );
+        assert_eq!(redact_at(&r, "$.items[1]", r#""x""#), r#""x""#);
+        assert_eq!(
+            redact_at(&r, "$.session_token[0]", r#""abc""#),
+            r#""[REDACTED]""#
+        );
+        assert_eq!(redact_at(&r, "$.price", "71"), "71");
+        assert!(redact_at(&r, "$.user", r#"{"password":"hun…"#).starts_with("(not kept"));
+    }
 
     #[test]
     fn long_fields_are_cut_on_a_char_boundary() {

@@ -322,20 +322,23 @@ impl QueryEngine {
                 .clone()
                 .select(vec![col("session_id").alias("visible_session_id")])?;
             for (table, df) in frames.iter_mut() {
-                // A replay run is not a session: its findings are as visible as the
-                // session it replayed.
-                let key = if *table == "replay_diffs" {
-                    "source_session"
+                // A replay run is not a session: its findings are visible to whoever may
+                // read both the session replayed and the session that replayed it (the
+                // source is the replayer's word; the answers came from its target).
+                let keys: &[&str] = if *table == "replay_diffs" {
+                    &["source_session", "replay_session"]
                 } else {
-                    "session_id"
+                    &["session_id"]
                 };
-                *df = df.clone().join(
-                    ids.clone(),
-                    JoinType::LeftSemi,
-                    &[key],
-                    &["visible_session_id"],
-                    None,
-                )?;
+                for key in keys {
+                    *df = df.clone().join(
+                        ids.clone(),
+                        JoinType::LeftSemi,
+                        &[key],
+                        &["visible_session_id"],
+                        None,
+                    )?;
+                }
             }
             frames.insert("sessions", sessions);
         }

@@ -499,6 +499,19 @@ impl ChainState {
         rows
     }
 
+    /// `r` ended its chain: later copies of it are duplicates, found through the
+    /// bounded `recently_closed` window instead of the live chains.
+    fn end_chain(&mut self, r: &Record) {
+        self.chains.remove(&r.chain_id);
+        self.recently_closed.push_back((r.chain_id, r.seq));
+        self.closed_index.insert(r.chain_id, r.seq);
+        while self.recently_closed.len() > RECENTLY_CLOSED {
+            if let Some((c, _)) = self.recently_closed.pop_front() {
+                self.closed_index.remove(&c);
+            }
+        }
+    }
+
     /// Whether `r` was already archived (same chain, seq not newer).
     fn is_duplicate(&self, r: &Record) -> bool {
         self.chains
@@ -625,15 +638,14 @@ impl ChainState {
                         out.streams.push(st);
                     }
                 }
-                self.chains.remove(&r.chain_id);
-                self.recently_closed.push_back((r.chain_id, r.seq));
-                self.closed_index.insert(r.chain_id, r.seq);
-                while self.recently_closed.len() > RECENTLY_CLOSED {
-                    if let Some((c, _)) = self.recently_closed.pop_front() {
-                        self.closed_index.remove(&c);
-                    }
-                }
+                self.end_chain(r);
                 true
+            }
+            // A replay run's summary is its last record: forget the chain as a
+            // session's close does, or every run would stay in the state for good.
+            Body::ReplayDiff(d) if d.kind == "summary" => {
+                self.end_chain(r);
+                false
             }
             Body::Gap(_) => true,
             Body::Heartbeat(_) => {

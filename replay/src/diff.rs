@@ -257,10 +257,13 @@ fn decoded(got: &Replayed) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     match enc.trim().to_ascii_lowercase().as_str() {
         "" | "identity" => return Some(got.body.clone()),
+        // Bounded: a small compressed answer may inflate to anything.
         "gzip" | "x-gzip" => flate2::read::GzDecoder::new(&got.body[..])
+            .take(crate::engine::MAX_BODY as u64)
             .read_to_end(&mut out)
             .ok()?,
         "deflate" => flate2::read::ZlibDecoder::new(&got.body[..])
+            .take(crate::engine::MAX_BODY as u64)
             .read_to_end(&mut out)
             .ok()?,
         _ => return None,

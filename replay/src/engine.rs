@@ -47,6 +47,10 @@ pub trait Progress: Send + Sync {
     fn advance(&self, done: usize, total: usize);
 }
 
+/// Slowest and fastest `--speed N`.
+pub const MIN_SPEED: f64 = 0.01;
+pub const MAX_SPEED: f64 = 1e6;
+
 /// `--speed`: the recorded pace divided by a factor, or as fast as possible.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Speed {
@@ -60,7 +64,7 @@ impl Speed {
             return Ok(Speed::Max);
         }
         match s.parse::<f64>() {
-            Ok(f) if f.is_finite() && f > 0.0 => Ok(Speed::Times(f)),
+            Ok(f) if (MIN_SPEED..=MAX_SPEED).contains(&f) => Ok(Speed::Times(f)),
             _ => Err(ReplayError::Speed(s.into())),
         }
     }
@@ -71,7 +75,11 @@ impl Speed {
             Speed::Max => None,
             Speed::Times(f) => {
                 let secs = (offset_nanos.max(0) as f64 / 1e9) / f;
-                Some(start + Duration::from_secs_f64(secs))
+                // Bounded speeds and recorded offsets keep this finite; saturate anyway.
+                Duration::try_from_secs_f64(secs)
+                    .ok()
+                    .and_then(|d| start.checked_add(d))
+                    .or(Some(start + Duration::from_secs(365 * 24 * 3600)))
             }
         }
     }
@@ -97,8 +105,11 @@ impl Default for RunOptions {
     }
 }
 
-/// Largest answer body read for a comparison.
-const MAX_BODY: usize = 64 << 20;
+/// Largest answer body read for a comparison (and most bytes read back from a stream
+/// beyond what was recorded).
+pub const MAX_BODY: usize = 64 << 20;
+/// How long opening one connection through the tunnel may take.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Sends the plan and returns the report: the plan's notes and every difference.
 pub async fn run(
@@ -108,14 +119,16 @@ pub async fn run(
     progress: Option<Arc<dyn Progress>>,
 ) -> Report {
     let started = Instant::now();
+    let lanes = Arc::new(lanes(&plan));
     let next = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
     let opts = Arc::new(opts);
-    let workers = opts.concurrency.max(1).min(plan.steps.len().max(1));
+    let workers = opts.concurrency.max(1).min(lanes.len().max(1));
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..workers {
-        let (plan, dialer, opts, next, done, progress) = (
+        let (plan, lanes, dialer, opts, next, done, progress) = (
             plan.clone(),
+            lanes.clone(),
             dialer.clone(),
             opts.clone(),
             next.clone(),
@@ -125,9 +138,11 @@ pub async fn run(
         tasks.spawn(async move {
             let mut conn: Option<SendRequest<Full<Bytes>>> = None;
             let mut found: Vec<(usize, Vec<ReplayDiff>)> = Vec::new();
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(step) = plan.steps.get(i) else { break };
+            let steps = std::iter::from_fn(|| lanes.get(next.fetch_add(1, Ordering::Relaxed)))
+                .flatten()
+                .copied();
+            for i in steps {
+                let step = &plan.steps[i];
                 if let Some(due) = opts.speed.due(started, step.at() - plan.origin) {
                     tokio::time::sleep_until(due.into()).await;
                 }
@@ -165,6 +180,35 @@ pub async fn run(
     }
     per_step.sort_by_key(|(i, _)| *i);
     Report::new(&plan, per_step, started.elapsed())
+}
+
+/// The order steps must keep: when the plan sends writes, a recorded connection's
+/// requests go one after another on one worker (a POST, then the GET of what it
+/// made); otherwise every step may run beside any other. Each lane is in recorded
+/// order, and lanes are by their first step.
+fn lanes(plan: &Plan) -> Vec<Vec<usize>> {
+    let writes = plan.steps.iter().any(|s| match s {
+        Step::Http { request, .. } => !crate::plan::safe(&request.method),
+        Step::Stream(_) => false,
+    });
+    if !writes {
+        return (0..plan.steps.len()).map(|i| vec![i]).collect();
+    }
+    let mut by_stream: std::collections::BTreeMap<u64, usize> = Default::default();
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    for (i, s) in plan.steps.iter().enumerate() {
+        match s {
+            Step::Http { recorded, .. } => match by_stream.get(&recorded.stream_id) {
+                Some(&lane) => out[lane].push(i),
+                None => {
+                    by_stream.insert(recorded.stream_id, out.len());
+                    out.push(vec![i]);
+                }
+            },
+            Step::Stream(_) => out.push(vec![i]),
+        }
+    }
+    out
 }
 
 /// One request on the worker's connection, opening a new one when there is none (or
@@ -220,11 +264,7 @@ async fn send(
             }
             // A kept-alive connection the target closed meanwhile: one more try on a
             // fresh one, for requests that are safe to send twice.
-            Ok(Err(_))
-                if attempt == 0
-                    && reused
-                    && matches!(req.method.as_str(), "GET" | "HEAD" | "OPTIONS") =>
-            {
+            Ok(Err(_)) if attempt == 0 && reused && crate::plan::safe(&req.method) => {
                 *conn = None;
             }
             Ok(Err(e)) => {
@@ -241,9 +281,9 @@ async fn send(
 }
 
 async fn handshake(dialer: &dyn Dialer) -> Result<SendRequest<Full<Bytes>>, String> {
-    let io = dialer
-        .dial("replay")
+    let io = tokio::time::timeout(DIAL_TIMEOUT, dialer.dial("replay"))
         .await
+        .map_err(|_| format!("no connection to the target within {DIAL_TIMEOUT:?}"))?
         .map_err(|e| format!("cannot connect to the target: {e}"))?;
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
@@ -277,17 +317,29 @@ async fn stream(s: &OpaqueStream, dialer: &dyn Dialer, opts: &RunOptions) -> Vec
             ..Default::default()
         }]
     };
-    let io = match dialer.dial(&stream_label(s.stream_id)).await {
-        Ok(io) => io,
-        Err(e) => return failed(format!("cannot connect to the target: {e}")),
+    let io = match tokio::time::timeout(DIAL_TIMEOUT, dialer.dial(&stream_label(s.stream_id))).await
+    {
+        Ok(Ok(io)) => io,
+        Ok(Err(e)) => return failed(format!("cannot connect to the target: {e}")),
+        Err(_) => {
+            return failed(format!(
+                "no connection to the target within {DIAL_TIMEOUT:?}"
+            ));
+        }
     };
     let (mut rd, mut wr) = tokio::io::split(io);
     let (sent_tx, mut sent_rx) = tokio::sync::watch::channel(false);
     let expected = s.down.len();
     let timeout = opts.timeout;
     // An HTTP/2 connection stays open after its last answer and its bytes never match
-    // the recording's length: stop a second after the target falls silent.
+    // the recording's length: stop once the target has been silent for as long as it
+    // took to answer in the recording, and a second.
     let h2 = !s.mirrored.is_empty();
+    // As long as the target took to finish answering in the recording, and a second
+    // more, within --timeout.
+    let answer_wait = (Duration::from_nanos((s.last_down_at - s.last_up_at).max(0) as u64)
+        + Duration::from_secs(1))
+    .min(timeout);
     let reader = tokio::spawn(async move {
         let mut got = Vec::with_capacity(expected);
         let mut buf = vec![0u8; 64 << 10];
@@ -298,14 +350,19 @@ async fn stream(s: &OpaqueStream, dialer: &dyn Dialer, opts: &RunOptions) -> Vec
             let idle = if sent && got.len() >= expected && !h2 {
                 Duration::from_millis(200)
             } else if sent && h2 {
-                Duration::from_secs(1).min(timeout)
+                answer_wait
             } else {
                 timeout
             };
             tokio::select! {
                 r = tokio::time::timeout(idle, rd.read(&mut buf)) => match r {
                     Ok(Ok(0)) | Ok(Err(_)) => break,
-                    Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+                    Ok(Ok(n)) => {
+                        got.extend_from_slice(&buf[..n]);
+                        if got.len() > expected + MAX_BODY {
+                            break; // the comparison already knows they differ
+                        }
+                    }
                     Err(_) if sent => break,
                     Err(_) => {}
                 },
@@ -320,9 +377,16 @@ async fn stream(s: &OpaqueStream, dialer: &dyn Dialer, opts: &RunOptions) -> Vec
         if let Some(due) = opts.speed.due(begun, ts - s.opened_at) {
             tokio::time::sleep_until(due.into()).await;
         }
-        if let Err(e) = wr.write_all(chunk).await {
-            write_error = Some(e);
-            break;
+        match tokio::time::timeout(opts.timeout, wr.write_all(chunk)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                write_error = Some(e.to_string());
+                break;
+            }
+            Err(_) => {
+                write_error = Some(format!("it took no bytes for {:?}", opts.timeout));
+                break;
+            }
         }
     }
     let _ = sent_tx.send(true);
@@ -346,12 +410,40 @@ async fn stream(s: &OpaqueStream, dialer: &dyn Dialer, opts: &RunOptions) -> Vec
 mod tests {
     use super::*;
 
+    fn step(method: &str, stream: u64) -> Step {
+        Step::Http {
+            recorded: Box::new(cloudtap_schemas::HttpExchange {
+                stream_id: stream,
+                method: method.into(),
+                ..Default::default()
+            }),
+            request: crate::plan::Request {
+                method: method.into(),
+                uri: "/".into(),
+                headers: Vec::new(),
+                body: Vec::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn writes_keep_their_connection_order_and_reads_run_free() {
+        let mut plan = Plan {
+            steps: vec![step("GET", 1), step("GET", 2), step("GET", 1)],
+            ..Default::default()
+        };
+        assert_eq!(lanes(&plan), vec![vec![0], vec![1], vec![2]]);
+        plan.steps[1] = step("POST", 1);
+        plan.steps.push(step("GET", 3));
+        assert_eq!(lanes(&plan), vec![vec![0, 1, 2], vec![3]]);
+    }
+
     #[test]
     fn speeds() {
         assert_eq!(Speed::parse("max").unwrap(), Speed::Max);
         assert_eq!(Speed::parse("2").unwrap(), Speed::Times(2.0));
         assert_eq!(Speed::parse("0.5").unwrap(), Speed::Times(0.5));
-        for bad in ["0", "-1", "fast", "inf", "NaN"] {
+        for bad in ["0", "-1", "fast", "inf", "NaN", "1e-300", "1e300", "0.001"] {
             assert!(Speed::parse(bad).is_err(), "{bad}");
         }
         let t = Instant::now();

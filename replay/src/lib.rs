@@ -5,8 +5,8 @@
 //!   the query service: the same records either way) into a [`Recording`]: the HTTP
 //!   exchanges with their requests and recorded responses, and the opaque streams with
 //!   their client→server bytes, timings and recorded server→client bytes.
-//! - [`plan`] decides what will be sent: the `--only` filter, the non-idempotent
-//!   requests skipped without `--allow-writes`, and the credentials redaction removed,
+//! - [`plan`] decides what will be sent: the `--only` filter, the requests that may
+//!   write (all but GET, HEAD, OPTIONS, TRACE) skipped without `--allow-writes`, and the credentials redaction removed,
 //!   restored from `--header` only — never invented. What cannot be restored is a
 //!   finding.
 //! - [`engine`] sends the plan over connections a [`Dialer`] opens (through the edge's

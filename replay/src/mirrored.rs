@@ -40,7 +40,7 @@ pub fn expected(plan: &Plan) -> usize {
         .sum()
 }
 
-/// (phase rank, exchange, message): the order records of one stream are compared in.
+/// (exchange, message, phase rank): how a stream's records are matched and ordered.
 fn key(x: &HttpExchange) -> (u64, u64, u8) {
     let rank = match x.phase {
         ExchangePhase::Complete | ExchangePhase::Start => 0,

@@ -29,7 +29,8 @@ const NOT_RESENT: [&str; 10] = [
 #[derive(Debug, Clone, Default)]
 pub struct PlanOptions {
     pub filter: Filter,
-    /// Send non-idempotent requests and opaque streams too.
+    /// Send requests that may write (anything but GET, HEAD, OPTIONS, TRACE) and
+    /// opaque streams too.
     pub allow_writes: bool,
     /// `--header`: (lowercase name, value), set on every request, and the only source
     /// of credentials redaction removed.
@@ -47,9 +48,10 @@ pub fn parse_header(s: &str) -> Result<(String, String), ReplayError> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
     if !valid {
-        let shown: String = name.chars().take(40).collect();
+        // Not quoted: without a proper name, the text may be the credential itself.
         return Err(ReplayError::Header(format!(
-            "{shown:?} is not a header name"
+            "the {} characters before the first ':' are not a header name",
+            name.chars().count()
         )));
     }
     if value.contains(['\r', '\n']) {
@@ -140,7 +142,9 @@ fn note(
     }
 }
 
-fn idempotent(method: &str) -> bool {
+/// Methods that only read (RFC 9110 "safe"): the only ones sent without
+/// `--allow-writes`.
+pub fn safe(method: &str) -> bool {
     matches!(
         method.to_ascii_uppercase().as_str(),
         "GET" | "HEAD" | "OPTIONS" | "TRACE"
@@ -192,9 +196,9 @@ impl Plan {
             ));
             return;
         }
-        if !opts.allow_writes && !idempotent(&x.method) {
+        if !opts.allow_writes && !safe(&x.method) {
             self.notes.push(skip(format!(
-                "{} is not idempotent; pass --allow-writes to send it",
+                "{} may change what the target holds (only GET, HEAD, OPTIONS and TRACE are sent without it); pass --allow-writes to send it",
                 x.method
             )));
             return;
@@ -307,16 +311,24 @@ impl Plan {
                 kind::NOT_RESTORED,
                 "payload",
                 format!(
-                    "stream {}: its bytes were not captured (capture level metadata); not sent",
+                    "stream {}: its bytes were not captured (the route's capture level keeps no payload, or parsing stopped keeping it); not sent",
                     s.stream_id
                 ),
+            ));
+            return;
+        }
+        if let Some(hole) = &s.hole {
+            self.notes.push(mk(
+                kind::NOT_RESTORED,
+                "payload",
+                format!("stream {}: {hole}; not sent", s.stream_id),
             ));
             return;
         }
         let h2_reads_only = !s.mirrored.is_empty()
             && s.mirrored
                 .iter()
-                .all(|x| x.phase == ExchangePhase::Message || idempotent(&x.method));
+                .all(|x| x.phase == ExchangePhase::Message || safe(&x.method));
         if !opts.allow_writes && !h2_reads_only {
             let what = if s.mirrored.is_empty() {
                 format!(
@@ -332,7 +344,7 @@ impl Plan {
                     .map(|x| format!("{} {}", x.method, x.path))
                     .collect();
                 format!(
-                    "is HTTP/2 with non-idempotent requests ({})",
+                    "is HTTP/2 with requests that may write ({})",
                     calls.join(", ")
                 )
             };
@@ -497,7 +509,11 @@ mod tests {
         assert!(parse_header("bad name: v").is_err());
         assert!(parse_header("a: b\r\nc: d").is_err());
         // The value may be a credential: errors never show it.
-        for bad in ["Authorization Bearer s3cret", "x-key: s3cret\nmore"] {
+        for bad in [
+            "Authorization Bearer s3cret",
+            "x-key: s3cret\nmore",
+            "Authorization Bearer s3cret:more",
+        ] {
             let e = parse_header(bad).unwrap_err().to_string();
             assert!(!e.contains("s3cret"), "{e}");
         }

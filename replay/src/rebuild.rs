@@ -54,6 +54,12 @@ pub struct OpaqueStream {
     /// by exchange with what the edge mirrors of the replay (HPACK and frame layout
     /// differ between any two connections, so the bytes themselves are not compared).
     pub mirrored: Vec<HttpExchange>,
+    /// The first hole in the recorded bytes, if records were lost (a `gap`).
+    pub hole: Option<String>,
+    /// When the last client→target and target→client bytes were seen: how long the
+    /// target took to finish answering, which a replay waits for too.
+    pub last_up_at: i64,
+    pub last_down_at: i64,
 }
 
 /// Whether an exchange was parsed from an HTTP/1 stream (replayed from its record) or
@@ -128,11 +134,21 @@ impl Recording {
                     };
                     match f.direction {
                         Direction::Up => {
-                            st.up_len += p.len() as u64;
+                            // Records lost on the way (a `drop` route's gap) leave a
+                            // hole: what is left cannot be sent as it was.
+                            if f.offset != st.up_len && st.hole.is_none() {
+                                st.hole = Some(format!(
+                                    "bytes {}..{} sent to the target were not logged",
+                                    st.up_len, f.offset
+                                ));
+                            }
+                            st.up_len = f.offset + p.len() as u64;
                             st.up.push((r.ts_unix_nanos, p.clone()));
+                            st.last_up_at = r.ts_unix_nanos;
                         }
                         Direction::Down => {
                             st.down_len += p.len() as u64;
+                            st.last_down_at = st.last_down_at.max(r.ts_unix_nanos);
                             down.entry(f.stream_id)
                                 .or_default()
                                 .insert(f.offset, p.clone());
@@ -144,7 +160,15 @@ impl Recording {
         }
         for (id, mut st) in streams {
             if let Some(chunks) = down.remove(&id) {
-                st.down = chunks.into_values().flatten().collect();
+                for (offset, bytes) in chunks {
+                    if offset != st.down.len() as u64 && st.hole.is_none() {
+                        st.hole = Some(format!(
+                            "bytes {}..{offset} the target sent were not logged",
+                            st.down.len()
+                        ));
+                    }
+                    st.down.extend(bytes);
+                }
             }
             if let Some(xs) = h2.remove(&id) {
                 if st.missing_payload || st.up.is_empty() {
@@ -254,6 +278,32 @@ mod tests {
         assert_eq!(s.down, b"pong");
         assert!(!s.missing_payload);
         assert!(matches!(&rec.items[1], Item::Http(x) if x.path == "/a"));
+    }
+
+    #[test]
+    fn lost_records_leave_a_hole_that_is_named() {
+        let mut w = ChainWriter::new(uuid::Uuid::now_v7());
+        let mut recs = vec![w.seal(1, Body::SessionOpened(SessionOpened::default()))];
+        for (off, p) in [(0, b"abcd".as_slice()), (10, b"xy".as_slice())] {
+            recs.push(w.seal(
+                2,
+                Body::Frame(Frame {
+                    stream_id: 1,
+                    direction: Direction::Up,
+                    offset: off,
+                    length: p.len() as u32,
+                    payload: Some(p.to_vec()),
+                }),
+            ));
+        }
+        let rec = Recording::from_records("s", &recs).unwrap();
+        let Item::Stream(s) = &rec.items[0] else {
+            panic!()
+        };
+        assert_eq!(
+            s.hole.as_deref(),
+            Some("bytes 4..10 sent to the target were not logged")
+        );
     }
 
     #[test]

@@ -96,6 +96,8 @@ impl Report {
         )
     }
 
+    /// For a person. Texts from the target (quoted bodies, header values) have their
+    /// control characters shown escaped, so an answer cannot drive the terminal.
     pub fn render_text(&self, colour: bool) -> String {
         let paint = |code: &str, s: &str| {
             if colour {
@@ -131,10 +133,11 @@ impl Report {
                 paint("31", &format!("differences ({}):", differences.len()))
             );
             for d in differences {
-                let change = match (d.expected.is_empty(), d.actual.is_empty()) {
-                    (false, false) => format!("{} → {}", d.expected, d.actual),
-                    (true, false) => format!("+ {}", d.actual),
-                    (false, true) => format!("- {}", d.expected),
+                let (expected, actual) = (printable(&d.expected), printable(&d.actual));
+                let change = match (expected.is_empty(), actual.is_empty()) {
+                    (false, false) => format!("{expected} → {actual}"),
+                    (true, false) => format!("+ {actual}"),
+                    (false, true) => format!("- {expected}"),
                     (true, true) => String::new(),
                 };
                 let note = if d.note.is_empty() || d.note == "changed" {
@@ -171,5 +174,30 @@ impl Report {
             }
         }
         out
+    }
+}
+
+/// `s` with control characters escaped (`\u{1b}`), tabs and all else kept.
+fn printable(s: &str) -> String {
+    if !s.chars().any(|c| c.is_control() && c != '\t') {
+        return s.to_owned();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() && c != '\t' {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn answers_cannot_drive_the_terminal() {
+        assert_eq!(super::printable("a\x1b[2Jb\n"), "a\\u{1b}[2Jb\\u{a}");
+        assert_eq!(super::printable("plain"), "plain");
     }
 }

@@ -434,7 +434,7 @@ pub const REPLAY_DIFF_KINDS: [&str; 10] = [
 pub struct ReplayDiff {
     /// The session that was replayed.
     pub source_session: String,
-    /// The session the re-sent traffic was recorded as; empty for a dry run.
+    /// The session the re-sent traffic was recorded as.
     pub replay_session: String,
     pub target: String,
     /// The source stream, and the exchange on it, this finding is about.

@@ -52,7 +52,8 @@ pub struct ReplayArgs {
     /// trace ids, …) (repeatable).
     #[arg(long = "ignore-header")]
     ignore_headers: Vec<String>,
-    /// Also send non-idempotent requests (POST, PUT, PATCH, DELETE) and opaque streams.
+    /// Also send requests that may write (anything but GET, HEAD, OPTIONS, TRACE) and
+    /// opaque streams.
     #[arg(long)]
     allow_writes: bool,
     /// Say what would be sent, and send nothing.
@@ -121,6 +122,16 @@ impl Edge for UserEdge<'_> {
             async move { c.close(&t, &s).await }
         })
         .await;
+    }
+
+    async fn renew(&self, session_id: &str, session_token: &str) -> anyhow::Result<(String, i64)> {
+        let r = self
+            .control
+            .clone()
+            .renew(session_token, session_id)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+        Ok((r.session_token, r.expires_unix))
     }
 
     fn tls(&self) -> anyhow::Result<Arc<rustls::ClientConfig>> {
