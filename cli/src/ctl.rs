@@ -404,22 +404,11 @@ impl Control {
                 let mut c = rpb::replay_recorder_client::ReplayRecorderClient::new(ch.clone())
                     .max_encoding_message_size(64 << 20);
                 let r = c
-                    .record(with_bearer(
-                        rpb::RecordRequest {
-                            source_session: report.source_session,
-                            replay_session: report.replay_session,
-                            target: report.target,
-                            diffs: report.diffs.into_iter().map(Into::into).collect(),
-                        },
-                        token,
-                    ))
+                    .record(with_bearer(rpb::RecordRequest::from(report), token))
                     .await
                     .map_err(status_error)?
                     .into_inner();
-                Ok(cloudtap_edge::replays::Recorded {
-                    run_id: r.run_id,
-                    records: r.records,
-                })
+                Ok(r.into())
             }
             Control::Http(base) => {
                 Self::http(base, "POST", "/v1/replays", token, Some(&report)).await

@@ -125,8 +125,13 @@ impl Runner {
         Ok(reply.token)
     }
 
-    async fn rows(&self, reader: &Reader, sql: &str) -> Result<Vec<Record>, RunError> {
-        rows(&self.engine, reader, sql).await
+    async fn rows(
+        &self,
+        reader: &Reader,
+        session: &str,
+        sql: &str,
+    ) -> Result<Vec<Record>, RunError> {
+        rows(&self.engine, reader, session, sql).await
     }
 
     pub async fn run(
@@ -161,6 +166,7 @@ impl Runner {
         let visible = self
             .rows(
                 &caller,
+                &id,
                 &format!(
                     "SELECT * FROM events WHERE session_id = '{id}' AND kind = 'session_opened'"
                 ),
@@ -230,7 +236,7 @@ impl Runner {
         };
         let mut records = Vec::new();
         for sql in replay_run::fetch_sql(&id) {
-            records.extend(self.rows(&me, &sql).await?);
+            records.extend(self.rows(&me, &id, &sql).await?);
         }
         if records.is_empty() {
             return Err(RunError::new(
@@ -270,27 +276,22 @@ impl Runner {
     }
 }
 
-async fn rows(engine: &QueryEngine, reader: &Reader, sql: &str) -> Result<Vec<Record>, RunError> {
+async fn rows(
+    engine: &QueryEngine,
+    reader: &Reader,
+    session: &str,
+    sql: &str,
+) -> Result<Vec<Record>, RunError> {
     let out = engine.execute(reader, sql, None).await?;
     let (_, batches, truncated) = cloudtap_query::service::collect(out).await?;
-    if truncated {
-        return Err(RunError::new(
-            "invalid_argument",
-            "the session has more records than one answer holds ([query] max_rows); raise it to replay this session",
-        ));
-    }
-    let mut records = Vec::new();
-    for b in &batches {
-        records.extend(
-            cloudtap_schemas::tables::records_from_batch(b).map_err(|e| {
-                RunError::new(
-                    "failed",
-                    format!("the session's records do not read back: {e}"),
-                )
-            })?,
-        );
-    }
-    Ok(records)
+    replay_run::records_of(session, &batches, truncated).map_err(|e| {
+        let code = if truncated {
+            "invalid_argument"
+        } else {
+            "failed"
+        };
+        RunError::new(code, format!("{e:#}"))
+    })
 }
 
 /// The edge as the replay service reaches it: gRPC, with the service's token.
@@ -363,22 +364,11 @@ impl Edge for ServiceEdge<'_> {
         let mut c = rpb::replay_recorder_client::ReplayRecorderClient::new(self.channel().await?)
             .max_encoding_message_size(64 << 20);
         let r = c
-            .record(
-                self.req(rpb::RecordRequest {
-                    source_session: report.source_session,
-                    replay_session: report.replay_session,
-                    target: report.target,
-                    diffs: report.diffs.into_iter().map(Into::into).collect(),
-                })
-                .await?,
-            )
+            .record(self.req(rpb::RecordRequest::from(report)).await?)
             .await
             .map_err(|s| anyhow::anyhow!("{}", s.message()))?
             .into_inner();
-        Ok(Recorded {
-            run_id: r.run_id,
-            records: r.records,
-        })
+        Ok(r.into())
     }
 
     async fn close(&self, session_id: &str) {
@@ -416,7 +406,7 @@ impl Edge for ServiceEdge<'_> {
         let mut out = Vec::new();
         for sql in &replay_run::fetch_sql(session)[..2] {
             out.extend(
-                rows(&self.engine, &self.reader, sql)
+                rows(&self.engine, &self.reader, session, sql)
                     .await
                     .map_err(|e| anyhow::anyhow!("{}", e.message))?,
             );

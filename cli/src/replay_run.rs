@@ -32,6 +32,29 @@ pub fn fetch_sql(session: &str) -> [String; 3] {
     ]
 }
 
+/// The records in one answer to a [`fetch_sql`] query; an answer the row limit cut is
+/// refused (a session replayed in part would be a lie).
+pub fn records_of(
+    session: &str,
+    batches: &[arrow::array::RecordBatch],
+    truncated: bool,
+) -> anyhow::Result<Vec<Record>> {
+    if truncated {
+        anyhow::bail!(
+            "session {session} has more records than the query service returns at once ([query] max_rows); raise it to replay this session"
+        );
+    }
+    let mut records = Vec::new();
+    for b in batches {
+        records.extend(
+            cloudtap_schemas::tables::records_from_batch(b).map_err(|e| {
+                anyhow::anyhow!("the records of session {session} do not read back: {e}")
+            })?,
+        );
+    }
+    Ok(records)
+}
+
 /// What a replay was asked to do, as flags or as a `RunRequest` give it.
 #[derive(Debug, Clone, Default)]
 pub struct Ask {
@@ -215,8 +238,8 @@ pub async fn replay(
     };
     // HTTP/2 streams are compared through what the edge mirrored of the replay, which
     // it appends as it parses: wait for it (bounded), then compare.
-    if !mirrored::streams(&plan).is_empty() {
-        let want = mirrored::expected(&plan);
+    let want = mirrored::expected(&plan);
+    if want > 0 {
         let deadline = tokio::time::Instant::now() + MIRROR_WAIT;
         let mut records = Vec::new();
         loop {

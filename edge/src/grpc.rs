@@ -50,14 +50,10 @@ impl ReplayRecorder for Recorder {
         req: Request<rpb::RecordRequest>,
     ) -> Result<Response<rpb::RecordResponse>, Status> {
         let c = caller(&req);
-        let r = req.into_inner();
-        let report = crate::replays::ReplayReport {
-            source_session: r.source_session,
-            replay_session: r.replay_session,
-            target: r.target,
-            diffs: r.diffs.into_iter().map(Into::into).collect(),
-        };
-        let done = self.state.record_replay(&c, report).await?;
+        let done = self
+            .state
+            .record_replay(&c, req.into_inner().into())
+            .await?;
         Ok(Response::new(rpb::RecordResponse {
             run_id: done.run_id,
             records: done.records,

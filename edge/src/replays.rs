@@ -31,11 +31,42 @@ pub struct ReplayReport {
     pub diffs: Vec<ReplayDiff>,
 }
 
+impl From<ReplayReport> for cloudtap_proto::replay::v1::RecordRequest {
+    fn from(r: ReplayReport) -> Self {
+        Self {
+            source_session: r.source_session,
+            replay_session: r.replay_session,
+            target: r.target,
+            diffs: r.diffs.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+impl From<cloudtap_proto::replay::v1::RecordRequest> for ReplayReport {
+    fn from(r: cloudtap_proto::replay::v1::RecordRequest) -> Self {
+        Self {
+            source_session: r.source_session,
+            replay_session: r.replay_session,
+            target: r.target,
+            diffs: r.diffs.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
 /// Where they went.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Recorded {
     pub run_id: String,
     pub records: u64,
+}
+
+impl From<cloudtap_proto::replay::v1::RecordResponse> for Recorded {
+    fn from(r: cloudtap_proto::replay::v1::RecordResponse) -> Self {
+        Self {
+            run_id: r.run_id,
+            records: r.records,
+        }
+    }
 }
 
 /// A finding's texts cut to [`MAX_FIELD`] (the edge does it again on receipt).

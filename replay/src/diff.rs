@@ -75,7 +75,8 @@ fn quote(b: &[u8]) -> String {
     if b.len() > QUOTE { s + "…" } else { s }
 }
 
-fn finding(
+/// A finding about recorded exchange `x`.
+pub(crate) fn finding(
     x: &HttpExchange,
     kind: &str,
     field: &str,
@@ -375,7 +376,7 @@ fn content(
 }
 
 fn contains_redacted(b: &[u8]) -> bool {
-    b.windows(REDACTED.len()).any(|w| w == REDACTED.as_bytes())
+    crate::plan::contains(b, REDACTED.as_bytes())
 }
 
 fn short_hex(b: &[u8]) -> String {

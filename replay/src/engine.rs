@@ -150,17 +150,14 @@ pub async fn run(
                     Step::Http { recorded, request } => {
                         match send(&mut conn, &*dialer, request, opts.timeout).await {
                             Ok(got) => diff::http(recorded, &got, &opts.diff),
-                            Err(e) => vec![ReplayDiff {
-                                stream_id: recorded.stream_id,
-                                exchange_index: recorded.exchange_index,
-                                method: recorded.method.clone(),
-                                path: recorded.path.clone(),
-                                kind: kind::FAILED.into(),
-                                field: "request".into(),
-                                expected: recorded.status.to_string(),
-                                note: e,
-                                ..Default::default()
-                            }],
+                            Err(e) => vec![diff::finding(
+                                recorded,
+                                kind::FAILED,
+                                "request",
+                                recorded.status.to_string(),
+                                String::new(),
+                                &e,
+                            )],
                         }
                     }
                     Step::Stream(s) => stream(s, &*dialer, &opts).await,

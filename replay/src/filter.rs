@@ -85,10 +85,6 @@ impl Filter {
         Ok(Filter { terms })
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.terms.is_empty()
-    }
-
     pub fn matches(&self, item: &Item) -> bool {
         self.terms.iter().all(|t| match (t, item) {
             (Term::Kind(k), Item::Http(_)) => k.contains(&true),

@@ -12,19 +12,8 @@ use crate::engine::STREAM_LABEL;
 use crate::kind;
 use crate::plan::{Plan, Step};
 
-/// Source streams whose answers must be read from the replay session's records.
-pub fn streams(plan: &Plan) -> Vec<u64> {
-    plan.steps
-        .iter()
-        .filter_map(|s| match s {
-            Step::Stream(st) if !st.mirrored.is_empty() => Some(st.stream_id),
-            _ => None,
-        })
-        .collect()
-}
-
-/// Exchange records the replay should produce for those streams (heads and ends,
-/// not messages): how many to wait for.
+/// Exchange records the replay should produce for its HTTP/2 streams (heads and ends,
+/// not messages): how many to wait for; 0 when there are none to compare.
 pub fn expected(plan: &Plan) -> usize {
     plan.steps
         .iter()
@@ -98,19 +87,17 @@ pub fn compare(plan: &Plan, replay_records: &[Record], opts: &DiffOptions) -> Ve
         for x in &st.mirrored {
             match theirs.get(&key(x)) {
                 Some(g) => found.extend(diff::mirrored(x, g, opts)),
-                None => found.push(ReplayDiff {
-                    stream_id: x.stream_id,
-                    exchange_index: x.exchange_index,
-                    method: x.method.clone(),
-                    path: x.path.clone(),
-                    kind: kind::FAILED.into(),
-                    field: match x.phase {
+                None => found.push(diff::finding(
+                    x,
+                    kind::FAILED,
+                    &match x.phase {
                         ExchangePhase::Message => format!("message {}", x.message_index),
                         _ => "exchange".into(),
                     },
-                    note: "the edge mirrored no such answer from the replay".into(),
-                    ..Default::default()
-                }),
+                    String::new(),
+                    String::new(),
+                    "the edge mirrored no such answer from the replay",
+                )),
             }
         }
         out.push(found);
@@ -150,7 +137,7 @@ mod tests {
             })],
             ..Default::default()
         };
-        assert_eq!((streams(&plan), expected(&plan)), (vec![1], 2));
+        assert_eq!(expected(&plan), 2);
         let mut w = ChainWriter::new(uuid::Uuid::now_v7());
         let records = vec![
             w.seal(

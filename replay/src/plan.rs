@@ -8,8 +8,7 @@ use crate::filter::Filter;
 use crate::kind;
 use crate::rebuild::{Item, OpaqueStream, Recording};
 
-/// What the edge's redaction leaves in place of a removed value.
-pub const REDACTED: &str = "[REDACTED]";
+pub use cloudtap_schemas::REDACTED;
 
 /// Headers never copied from a recording: per-connection ones, the length (the body
 /// sent is what decides it) and the encoding (bodies are stored decoded).
@@ -151,7 +150,8 @@ pub fn safe(method: &str) -> bool {
     )
 }
 
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
+/// Whether `needle` occurs in `hay`.
+pub(crate) fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 

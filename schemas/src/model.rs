@@ -412,6 +412,10 @@ pub struct BodyCapture {
     pub note: String,
 }
 
+/// What redaction leaves in place of a value it removed (edge) and what a replay must
+/// not take for the value (replay).
+pub const REDACTED: &str = "[REDACTED]";
+
 /// The kinds of [`ReplayDiff`] (`replay_diffs.kind`): differences, then notes.
 pub const REPLAY_DIFF_KINDS: [&str; 10] = [
     "status",

@@ -679,13 +679,20 @@ fn event_body(batch: &RecordBatch, i: usize) -> Result<Body, ArrowError> {
             client_cert_sha256: s("client_cert_sha256")?,
             token_id: s("token_id")?,
             on_log_backpressure: s("on_log_backpressure")?,
-            // Absent from files written before table schema 3, null on other kinds.
-            replay_of: batch
-                .column_by_name("replay_of")
-                .and_then(|a| a.as_any().downcast_ref::<StringArray>())
-                .filter(|a| !a.is_null(i))
-                .map(|a| a.value(i).to_owned())
-                .unwrap_or_default(),
+            // Absent from files written before table schema 3, null when no replay.
+            replay_of: match batch.column_by_name("replay_of") {
+                None => String::new(),
+                Some(a) => {
+                    let a = a.as_any().downcast_ref::<StringArray>().ok_or_else(|| {
+                        ArrowError::SchemaError("column replay_of is not a string".into())
+                    })?;
+                    if a.is_null(i) {
+                        String::new()
+                    } else {
+                        a.value(i).to_owned()
+                    }
+                }
+            },
         }),
         "session_closed" => Body::SessionClosed(SessionClosed {
             reason: CloseReason::parse(&s("reason")?)

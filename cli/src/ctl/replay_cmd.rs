@@ -71,17 +71,11 @@ async fn fetch(ctx: &Ctx, id: &str, frames: bool) -> CtlResult<Vec<Record>> {
     let sql = replay_run::fetch_sql(id);
     for sql in &sql[..if frames { 3 } else { 2 }] {
         let answer = run_sql(ctx, sql, u64::MAX).await?;
-        if answer.truncated {
-            anyhow::bail!(
-                "session {id} has more records than the query service returns at once ([query] max_rows); raise it to replay this session"
-            );
-        }
-        for b in &answer.batches {
-            records.extend(
-                cloudtap_schemas::tables::records_from_batch(b)
-                    .with_context(|| format!("the records of session {id} do not read back"))?,
-            );
-        }
+        records.extend(replay_run::records_of(
+            id,
+            &answer.batches,
+            answer.truncated,
+        )?);
     }
     Ok(records)
 }

@@ -26,7 +26,7 @@ use serde_json::Value;
 use crate::config::RedactionConfig;
 
 /// What replaces a removed value.
-pub const REDACTED: &str = "[REDACTED]";
+pub use cloudtap_schemas::REDACTED;
 
 const BUILTIN_HEADERS: [&str; 12] = [
     "authorization",
