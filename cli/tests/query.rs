@@ -8,14 +8,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// NDJSON lines → JSON values.
-fn ndjson(out: &str) -> Vec<serde_json::Value> {
-    out.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
-        .collect()
-}
-
 fn query(data: &std::path::Path, extra: &[&str], sql: &str) -> (i32, String, String) {
     run(cloudtapctl(data)
         .args(["-o", "json"])

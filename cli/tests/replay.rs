@@ -152,13 +152,6 @@ fn config(dir: &std::path::Path, targets: &[(&str, &str, &str)]) -> std::path::P
     p
 }
 
-fn ndjson(out: &str) -> Vec<serde_json::Value> {
-    out.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
-        .collect()
-}
-
 /// Runs `sql` until it returns `n` rows, for at most 20 s.
 fn wait_rows(data: &std::path::Path, sql: &str, n: usize) -> Vec<serde_json::Value> {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -208,16 +201,7 @@ fn get(path: &str) -> String {
 
 /// The session `proxy` opened (its first JSON line has it).
 fn record(data: &std::path::Path, target: &str, send: impl FnOnce(&str)) -> String {
-    let mut proxy = cloudtapctl(data)
-        .args(["-o", "json", "proxy", target])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = lines(proxy.stdout.take().unwrap());
-    let first: serde_json::Value = serde_json::from_str(&next(&out, "proxy's first line")).unwrap();
-    let local = first["local_addr"].as_str().unwrap().to_owned();
-    let session = first["session_id"].as_str().unwrap().to_owned();
+    let (mut proxy, _, local, session) = start_proxy_session(data, target);
     send(&local);
     let _ = proxy.kill();
     let _ = proxy.wait();

@@ -188,6 +188,15 @@ pub fn start_proxy(
     data_dir: &Path,
     target: &str,
 ) -> (Child, std::sync::mpsc::Receiver<String>, String) {
+    let (child, out, local, _) = start_proxy_session(data_dir, target);
+    (child, out, local)
+}
+
+/// [`start_proxy`], and the id of the session the tunnel opened.
+pub fn start_proxy_session(
+    data_dir: &Path,
+    target: &str,
+) -> (Child, std::sync::mpsc::Receiver<String>, String, String) {
     let mut proxy = cloudtapctl(data_dir)
         .args(["-o", "json", "proxy", target])
         .stdout(Stdio::piped())
@@ -197,5 +206,14 @@ pub fn start_proxy(
     let out = lines(proxy.stdout.take().unwrap());
     let first: serde_json::Value = serde_json::from_str(&next(&out, "proxy's first line")).unwrap();
     let local = first["local_addr"].as_str().unwrap().to_owned();
-    (proxy, out, local)
+    let session = first["session_id"].as_str().unwrap().to_owned();
+    (proxy, out, local, session)
+}
+
+/// NDJSON lines (`-o json` of `query`) → JSON values.
+pub fn ndjson(out: &str) -> Vec<serde_json::Value> {
+    out.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect()
 }
