@@ -7,7 +7,8 @@
 #   S3-compatible server and a Kafka-protocol broker, installed from crates.io into
 #   the cache when missing) and stops them afterwards, also on failure.
 # - Installs the Python packages the external-reader checks use (duckdb, and ADBC's
-#   Flight SQL driver with pyarrow) into a virtualenv in the cache.
+#   Flight SQL driver with pyarrow) into a virtualenv in the cache, Debian's tshark,
+#   and the npm packages har-schema and ajv (HAR 1.2 validation) into the cache.
 # - Prints the test runner's own summary lines; exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +36,24 @@ if ! "$venv/bin/python" -c 'import duckdb, adbc_driver_flightsql, pyarrow' 2>/de
     adbc-driver-manager==1.13.0 pyarrow==26.0.1
 fi
 export CLOUDTAP_TEST_PYTHON="$venv/bin/python"
+
+# The bundle tests open exports in the tools people have: Debian's tshark (Wireshark's
+# command line) and a HAR 1.2 JSON Schema validator (npm: har-schema with ajv).
+if ! command -v tshark >/dev/null 2>&1; then
+  echo "==> installing tshark (Debian package)"
+  sudo_="" ; [ "$(id -u)" = 0 ] || sudo_="sudo"
+  $sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends tshark >/dev/null \
+    || { $sudo_ apt-get update >/dev/null && $sudo_ env DEBIAN_FRONTEND=noninteractive \
+           apt-get install -y --no-install-recommends tshark >/dev/null; }
+fi
+export CLOUDTAP_TEST_TSHARK="$(command -v tshark)"
+npm_dir="$cache/npm"
+if [ ! -f "$npm_dir/node_modules/har-schema/package.json" ] || [ ! -f "$npm_dir/node_modules/ajv/package.json" ]; then
+  echo "==> installing har-schema and ajv into $npm_dir"
+  mkdir -p "$npm_dir"
+  (cd "$npm_dir" && npm install --silent --no-audit --no-fund --no-save har-schema@2.0.0 ajv@6.12.6 >/dev/null)
+fi
+export CLOUDTAP_TEST_NODE_PATH="$npm_dir/node_modules"
 
 echo "==> running tests"
 if cargo nextest --version >/dev/null 2>&1; then

@@ -21,6 +21,7 @@ use pb::tunnel_service_client::TunnelServiceClient;
 
 use crate::{http_client, paths};
 
+mod bundle_cmd;
 mod query_cmd;
 mod replay_cmd;
 
@@ -119,6 +120,9 @@ pub enum Cmd {
     Query {
         /// One SQL statement (read-only).
         sql: String,
+        /// Query this incident bundle instead of a server (nothing else is needed).
+        #[arg(long)]
+        from_bundle: Option<PathBuf>,
         /// Write the answer to this file instead of stdout.
         #[arg(long)]
         file: Option<PathBuf>,
@@ -127,11 +131,26 @@ pub enum Cmd {
         max_rows: u64,
     },
     /// Captured sessions: list them, or show one.
-    #[command(subcommand)]
-    Sessions(query_cmd::SessionsCmd),
+    Sessions {
+        /// Read this incident bundle instead of a server.
+        #[arg(long, global = true)]
+        from_bundle: Option<PathBuf>,
+        #[command(subcommand)]
+        cmd: query_cmd::SessionsCmd,
+    },
     /// Re-send a captured session through the edge and show what changed (exit 1
     /// when something did). Needs read rights on the session and access to the target.
     Replay(replay_cmd::ReplayArgs),
+    /// Export sessions as one signed incident bundle (.tar.zst): Parquet slices of
+    /// every table, events.jsonl, exchanges.har, capture.pcapng, a manifest and its
+    /// signature. Built and signed by the server; needs read rights on the sessions.
+    Export(bundle_cmd::ExportArgs),
+    /// Incident bundles.
+    #[command(subcommand)]
+    Bundle(bundle_cmd::BundleCmd),
+    /// Load a bundle into the local archive, so its sessions show in `sessions list`
+    /// and queries (importing it again changes nothing).
+    Import(bundle_cmd::ImportArgs),
     /// Print HTTP and gRPC exchanges as they happen (time, target, method, path,
     /// status, latency), for the sessions you may read.
     Tail {
@@ -176,6 +195,10 @@ struct Ctx {
     endpoints: Option<cloudtap_edge::Endpoints>,
     output: Output,
     format: Format,
+    /// `--from-bundle`: queries read this bundle, not a server.
+    from_bundle: Option<PathBuf>,
+    /// The bundle's throw-away archive and engine, made on first use.
+    bundle: tokio::sync::OnceCell<(tempfile::TempDir, Arc<cloudtap_query::QueryEngine>)>,
 }
 
 impl Ctx {
@@ -198,6 +221,8 @@ impl Ctx {
             endpoints,
             output,
             format,
+            from_bundle: None,
+            bundle: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -676,7 +701,7 @@ where
 }
 
 pub async fn main(cli: Cli) -> CtlResult<()> {
-    let ctx = Ctx::new(cli.global);
+    let mut ctx = Ctx::new(cli.global);
     match cli.cmd {
         Cmd::Login { ttl } => {
             let t = login(&ctx, ttl).await?;
@@ -824,11 +849,26 @@ pub async fn main(cli: Cli) -> CtlResult<()> {
         Cmd::Proxy { target, local_addr } => proxy(&ctx, &target, local_addr).await,
         Cmd::Query {
             sql,
+            from_bundle,
             file,
             max_rows,
-        } => query_cmd::query(&ctx, &sql, file, max_rows).await,
-        Cmd::Sessions(cmd) => query_cmd::sessions(&ctx, cmd).await,
-        Cmd::Replay(args) => replay_cmd::replay(&ctx, args).await,
+        } => {
+            ctx.from_bundle = from_bundle;
+            query_cmd::query(&ctx, &sql, file, max_rows).await
+        }
+        Cmd::Sessions { from_bundle, cmd } => {
+            ctx.from_bundle = from_bundle;
+            query_cmd::sessions(&ctx, cmd).await
+        }
+        Cmd::Replay(args) => {
+            ctx.from_bundle = args.from_bundle.clone();
+            replay_cmd::replay(&ctx, args).await
+        }
+        Cmd::Export(args) => bundle_cmd::export(&ctx, args).await,
+        Cmd::Bundle(bundle_cmd::BundleCmd::Verify { file, trust }) => {
+            bundle_cmd::verify(&ctx, &file, &trust).await
+        }
+        Cmd::Import(args) => bundle_cmd::import_cmd(&ctx, args).await,
         Cmd::Tail { session, target } => {
             let control = connect(&ctx).await;
             let filter = pb::WatchEventsRequest {

@@ -206,6 +206,16 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         }
     };
     let signing_key = signing_key(&cfg, &data_dir)?;
+    let export_key = crate::query_role::export_key(&cfg, &data_dir, cfg.tls.is_none())?;
+    if embedded && let Some(k) = &export_key {
+        // The CLI on this machine trusts the bundles this server signs.
+        paths::trust_export_key(&data_dir, &k.public_hex()).with_context(|| {
+            format!(
+                "cannot write the CLI's config {}",
+                paths::cli_config(&data_dir).display()
+            )
+        })?;
+    }
 
     let log = open_log(&cfg, args.log.as_deref(), &data_dir).await?;
     // In `all`, the recorder runs in this process on the same log.
@@ -355,7 +365,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         let Some(engine) = query else {
             return cloudtap_edge::Mounts::default();
         };
-        let q = crate::query_role::mounts(engine.clone(), state.clone());
+        let q = crate::query_role::mounts(engine.clone(), state.clone(), export_key);
         match replay_identity {
             Some(me) => {
                 crate::replay_role::add(q, crate::replay_role::Runner::new(engine, state, me))
@@ -491,6 +501,7 @@ async fn node_main(
     let signing_key = signing_key(&cfg, &data_dir).context(
         "the query node checks tokens with the issuer's key: start `cloudtapd all` once to create the development one, or set [tokens] signing_key",
     )?;
+    let export_key = crate::query_role::export_key(&cfg, &data_dir, cfg.tls.is_none())?;
     let log = open_log(&cfg, args.log.as_deref(), &data_dir).await?;
     let (store, _, url) = open_archive(&cfg, args.archive.as_deref(), &data_dir).await?;
     let engine = crate::query_role::engine(&cfg, &url, store.clone(), log.clone())?;
@@ -581,7 +592,7 @@ async fn node_main(
         signing_key,
     };
     cloudtap_edge::run_node(params, grpc, http, shutdown, move |state| match replay {
-        None => crate::query_role::mounts(engine, state),
+        None => crate::query_role::mounts(engine, state, export_key),
         Some(me) => crate::replay_role::add(
             cloudtap_edge::Mounts::default(),
             crate::replay_role::Runner::new(engine, state, me),

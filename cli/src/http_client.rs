@@ -33,6 +33,27 @@ pub async fn call_accepting(
     body: Option<Vec<u8>>,
     accept: &str,
 ) -> Result<(u16, Vec<u8>), HttpError> {
+    let resp = send(base, method, path, bearer, body, accept).await?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| HttpError::Other(format!("HTTP API response failed: {e}")))?
+        .to_bytes();
+    Ok((status, body.to_vec()))
+}
+
+/// Sends one request and returns the response with its body still to be read (large
+/// downloads are read piece by piece).
+pub async fn send(
+    base: &str,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: Option<Vec<u8>>,
+    accept: &str,
+) -> Result<http::Response<hyper::body::Incoming>, HttpError> {
     let rest = base.strip_prefix("http://").ok_or_else(|| {
         HttpError::Other(format!(
             "--http-url {base:?} must start with http:// (the HTTP API listens on loopback only in this build)"
@@ -67,16 +88,8 @@ pub async fn call_accepting(
     let req = req
         .body(Full::new(Bytes::from(body.unwrap_or_default())))
         .map_err(|e| HttpError::Other(e.to_string()))?;
-    let resp = sender
+    sender
         .send_request(req)
         .await
-        .map_err(|e| HttpError::Other(format!("HTTP API request failed: {e}")))?;
-    let status = resp.status().as_u16();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| HttpError::Other(format!("HTTP API response failed: {e}")))?
-        .to_bytes();
-    Ok((status, body.to_vec()))
+        .map_err(|e| HttpError::Other(format!("HTTP API request failed: {e}")))
 }

@@ -1,8 +1,10 @@
 //! `cloudtapd` and `cloudtapctl`: flag parsing, configuration loading and composition
 //! of the library crates. Logic lives in the libraries; this crate only wires it up.
 
+pub mod bundle;
 pub mod ctl;
 pub mod daemon;
+pub mod export_role;
 mod http_client;
 pub mod paths;
 pub mod query_role;

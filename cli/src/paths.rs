@@ -43,3 +43,54 @@ pub fn read_endpoints(data_dir: &Path) -> Option<Endpoints> {
 pub fn token_cache(data_dir: &Path) -> PathBuf {
     data_dir.join("cli").join("token.json")
 }
+
+/// `cloudtapctl`'s own configuration: the export keys whose bundles it trusts.
+pub fn cli_config(data_dir: &Path) -> PathBuf {
+    data_dir.join("cli").join("config.toml")
+}
+
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CliConfig {
+    #[serde(default)]
+    pub bundle: BundleConfig,
+}
+
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleConfig {
+    /// Hex Ed25519 public keys; `bundle verify` checks signatures against these.
+    #[serde(default)]
+    pub trusted_export_keys: Vec<String>,
+}
+
+/// The CLI's configuration; a missing file is the empty one.
+pub fn read_cli_config(data_dir: &Path) -> anyhow::Result<CliConfig> {
+    let path = cli_config(data_dir);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{} is not valid: {e}; fix or remove it", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(CliConfig::default()),
+        Err(e) => Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
+    }
+}
+
+/// Adds `key` to the CLI's trusted export keys (nothing when it is there already).
+pub fn trust_export_key(data_dir: &Path, key: &str) -> anyhow::Result<()> {
+    let mut cfg = read_cli_config(data_dir)?;
+    if cfg.bundle.trusted_export_keys.iter().any(|k| k == key) {
+        return Ok(());
+    }
+    cfg.bundle.trusted_export_keys.push(key.to_string());
+    let path = cli_config(data_dir);
+    std::fs::create_dir_all(path.parent().expect("config has a parent"))?;
+    let text = format!(
+        "# cloudtapctl's configuration. `cloudtapd all` adds its export key below, so\n\
+         # `cloudtapctl bundle verify` trusts the bundles it signs.\n{}",
+        toml::to_string(&cfg)?
+    );
+    let tmp = path.with_extension("toml.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(tmp, path)?;
+    Ok(())
+}

@@ -4,15 +4,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use async_trait::async_trait;
 use cloudtap_edge::EdgeState;
 use cloudtap_edge::config::{EdgeConfig, QueryConfig};
 use cloudtap_edge::control::{Caller, ErrorKind};
+use cloudtap_edge::token::SigningKey;
 use cloudtap_query::flight::FlightSql;
 use cloudtap_query::service::{Access, QueryService};
 use cloudtap_query::{QueryEngine, QueryError, QuerySettings, Reader, Scope};
 use cloudtap_recorder::EventLog;
 use cloudtap_recorder::store::ObjectStore;
+
+use crate::export_role::Exporter;
 
 /// The SQL text kept in a query's audit record, at most.
 const AUDIT_SQL_BYTES: usize = 4096;
@@ -89,13 +93,44 @@ impl Access for EdgeAccess {
     }
 }
 
-/// The query service's HTTP routes and gRPC services (QueryService and Flight SQL),
-/// authenticated by `state`.
-pub fn mounts(engine: Arc<QueryEngine>, state: Arc<EdgeState>) -> cloudtap_edge::Mounts {
-    let svc = QueryService::new(engine, Arc::new(EdgeAccess(state)));
+/// The query service's HTTP routes and gRPC services (QueryService, Flight SQL and
+/// the export service, which signs bundles with `export_key`), authenticated by
+/// `state`.
+pub fn mounts(
+    engine: Arc<QueryEngine>,
+    state: Arc<EdgeState>,
+    export_key: Option<Arc<SigningKey>>,
+) -> cloudtap_edge::Mounts {
+    let svc = QueryService::new(engine.clone(), Arc::new(EdgeAccess(state.clone())));
     let flight = FlightSql::new(svc.clone());
+    let export = Exporter::new(engine, state, export_key);
     cloudtap_edge::Mounts {
-        http: Some(svc.router()),
-        grpc: Some(tonic::service::Routes::new(svc.grpc()).add_service(flight.grpc())),
+        http: Some(svc.router().merge(export.router())),
+        grpc: Some(
+            tonic::service::Routes::new(svc.grpc())
+                .add_service(flight.grpc())
+                .add_service(export.grpc()),
+        ),
     }
+}
+
+/// The export key `[export] key` names; else, where `dev` allows, the development one
+/// when it exists; else none (exports are refused, saying why).
+pub fn export_key(
+    cfg: &EdgeConfig,
+    data_dir: &std::path::Path,
+    dev: bool,
+) -> anyhow::Result<Option<Arc<SigningKey>>> {
+    let path = match &cfg.export.key {
+        Some(p) => p.clone(),
+        None if dev => cloudtap_edge::pki::DevPki::new(data_dir).export_key(),
+        None => return Ok(None),
+    };
+    if cfg.export.key.is_none() && !path.exists() {
+        return Ok(None);
+    }
+    let seed = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read the export key {}", path.display()))?;
+    let key = SigningKey::from_seed_hex(&seed).with_context(|| format!("in {}", path.display()))?;
+    Ok(Some(Arc::new(key)))
 }

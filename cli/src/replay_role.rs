@@ -253,7 +253,7 @@ impl Runner {
             reader: me,
         };
         let mut report = replay_run::replay(
-            &edge,
+            replay_run::Via::Edge(&edge),
             &id,
             &records,
             &ask,

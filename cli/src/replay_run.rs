@@ -159,11 +159,38 @@ async fn keep_renewed(
     }
 }
 
+/// Plain TCP connections to one address (`--direct`).
+struct DirectDialer(String);
+
+#[async_trait::async_trait]
+impl Dialer for DirectDialer {
+    async fn dial(&self, _label: &str) -> std::io::Result<Box<dyn Io>> {
+        let s = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::net::TcpStream::connect(&self.0),
+        )
+        .await
+        .map_err(|_| std::io::Error::other(format!("connecting to {} timed out", self.0)))??;
+        s.set_nodelay(true)?;
+        Ok(Box::new(s))
+    }
+}
+
+/// Where a replay sends: through an edge (a tunnel opened with `replay_of`, findings
+/// recorded on the edge), or straight to an address, with no edge at all.
+#[derive(Clone, Copy)]
+pub enum Via<'a> {
+    Edge(&'a dyn Edge),
+    /// `HOST:PORT`, plain TCP.
+    Direct(&'a str),
+}
+
 /// Replays the session `records` hold. `announce` hears what will be sent before
-/// anything is. The findings are recorded before the tunnel closes; if that fails, the
-/// error says so (with the counts; the report itself may hold unredacted answers).
+/// anything is. Through an edge, the findings are recorded before the tunnel closes; if
+/// that fails, the error says so (with the counts; the report itself may hold
+/// unredacted answers).
 pub async fn replay(
-    edge: &dyn Edge,
+    via: Via<'_>,
     source: &str,
     records: &[Record],
     ask: &Ask,
@@ -197,6 +224,31 @@ pub async fn replay(
         report.target = target;
         return Ok(report);
     }
+    let edge = match via {
+        Via::Edge(e) => e,
+        Via::Direct(addr) => {
+            let h2 = mirrored::expected(&plan);
+            if h2 > 0 {
+                announce(format!(
+                    "--direct: the answers of {h2} HTTP/2 exchanges are not compared (that needs the edge's mirror); send through an edge to compare them"
+                ));
+            }
+            announce(format!(
+                "--direct: sending to {addr} with no edge; findings are not recorded"
+            ));
+            let progress = progress.filter(|_| plan.steps.len() > 1);
+            let mut report = cloudtap_replay::run(
+                plan.clone(),
+                Arc::new(DirectDialer(addr.to_string())),
+                run_opts,
+                progress,
+            )
+            .await;
+            report.source_session = source.into();
+            report.target = addr.to_string();
+            return Ok(report);
+        }
+    };
     let opened = edge.open_tunnel(&target, source).await?;
     let attached = match edge.tls() {
         Ok(tls) => Tunnel::attach(&tls, &opened.tunnel_addr, &opened.session_token, &target)

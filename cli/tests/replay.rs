@@ -4,105 +4,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::shop::*;
 use common::*;
-
-/// A small HTTP/1.1 keep-alive server. `version` 2 changes `$.price` of item 7 and
-/// answers item 13 with 503 (same body). `/me` wants `authorization: Bearer s3cret`.
-/// Counts the POSTs it got.
-struct Upstream {
-    addr: String,
-    posts: Arc<AtomicUsize>,
-}
-
-fn upstream(version: u32) -> Upstream {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    let posts = Arc::new(AtomicUsize::new(0));
-    let counter = posts.clone();
-    std::thread::spawn(move || {
-        for conn in l.incoming().map_while(Result::ok) {
-            let counter = counter.clone();
-            std::thread::spawn(move || serve(conn, version, &counter));
-        }
-    });
-    Upstream { addr, posts }
-}
-
-fn serve(conn: TcpStream, version: u32, posts: &AtomicUsize) {
-    let mut rd = BufReader::new(conn.try_clone().unwrap());
-    let mut wr = conn;
-    loop {
-        let mut line = String::new();
-        if rd.read_line(&mut line).unwrap_or(0) == 0 {
-            return;
-        }
-        let mut parts = line.split_whitespace();
-        let (method, path) = (
-            parts.next().unwrap_or("").to_owned(),
-            parts.next().unwrap_or("").to_owned(),
-        );
-        let (mut len, mut auth) = (0usize, String::new());
-        loop {
-            let mut h = String::new();
-            if rd.read_line(&mut h).unwrap_or(0) == 0 {
-                return;
-            }
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            let (n, v) = h.split_once(':').unwrap();
-            match n.to_ascii_lowercase().as_str() {
-                "content-length" => len = v.trim().parse().unwrap(),
-                "authorization" => auth = v.trim().to_owned(),
-                _ => {}
-            }
-        }
-        let mut body = vec![0; len];
-        rd.read_exact(&mut body).unwrap();
-        let (status, json) = if method == "POST" {
-            posts.fetch_add(1, Ordering::SeqCst);
-            (201, r#"{"ok":true}"#.to_owned())
-        } else if path == "/me" {
-            if auth == "Bearer s3cret" {
-                (200, r#"{"user":"alice"}"#.to_owned())
-            } else {
-                (
-                    401,
-                    r#"{"error":"unauthenticated","retry_token":"secret-xyz"}"#.to_owned(),
-                )
-            }
-        } else if let Some(n) = path.strip_prefix("/items/") {
-            let n: u64 = n.parse().unwrap_or(0);
-            let price = if version == 2 && n == 7 { 71 } else { n * 10 };
-            let status = if version == 2 && n == 13 { 503 } else { 200 };
-            (
-                status,
-                format!(r#"{{"id":{n},"name":"item {n}","price":{price},"tags":["a","b"]}}"#),
-            )
-        } else {
-            (200, format!(r#"{{"path":"{path}"}}"#))
-        };
-        // A Date that differs between any two answers.
-        let date = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let head = format!(
-            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ndate: {date}\r\nx-request-id: {date}\r\ncontent-length: {}\r\n\r\n",
-            json.len()
-        );
-        if wr.write_all(head.as_bytes()).is_err() || wr.write_all(json.as_bytes()).is_err() {
-            return;
-        }
-    }
-}
 
 /// Per connection, each chunk the echo server read and when.
 type Seen = Arc<Mutex<Vec<Vec<(Instant, Vec<u8>)>>>>;
@@ -152,110 +61,10 @@ fn config(dir: &std::path::Path, targets: &[(&str, &str, &str)]) -> std::path::P
     p
 }
 
-/// Runs `sql` until it returns `n` rows, for at most 20 s.
-fn wait_rows(data: &std::path::Path, sql: &str, n: usize) -> Vec<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (code, out, err) = run(cloudtapctl(data).args(["-o", "json", "query", sql]));
-        assert_eq!(code, 0, "{sql}: {err}");
-        let rows = ndjson(&out);
-        if rows.len() == n {
-            return rows;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "waited 20 s for {n} rows of {sql}; last: {rows:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Sends raw requests on one connection through the proxy and reads each answer.
-fn requests(local: &str, reqs: &[String]) {
-    let mut c = TcpStream::connect(local).unwrap();
-    let mut rd = BufReader::new(c.try_clone().unwrap());
-    for r in reqs {
-        c.write_all(r.as_bytes()).unwrap();
-        let mut len = 0;
-        let mut line = String::new();
-        rd.read_line(&mut line).unwrap();
-        assert!(line.starts_with("HTTP/1.1"), "{line:?}");
-        loop {
-            let mut h = String::new();
-            rd.read_line(&mut h).unwrap();
-            if h.trim_end().is_empty() {
-                break;
-            }
-            if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
-                len = v.trim().parse().unwrap();
-            }
-        }
-        let mut body = vec![0; len];
-        rd.read_exact(&mut body).unwrap();
-    }
-}
-
-fn get(path: &str) -> String {
-    format!("GET {path} HTTP/1.1\r\nhost: shop\r\naccept: application/json\r\n\r\n")
-}
-
-/// The session `proxy` opened (its first JSON line has it).
-fn record(data: &std::path::Path, target: &str, send: impl FnOnce(&str)) -> String {
-    let (mut proxy, _, local, session) = start_proxy_session(data, target);
-    send(&local);
-    let _ = proxy.kill();
-    let _ = proxy.wait();
-    session
-}
-
 fn replay(data: &std::path::Path, args: &[&str]) -> (i32, serde_json::Value, String) {
     let (code, out, err) = run(cloudtapctl(data).args(["-o", "json", "replay"]).args(args));
     let report = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out:?} {err}"));
     (code, report, err)
-}
-
-fn differences(report: &serde_json::Value) -> Vec<(String, String, String, String)> {
-    report["findings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|f| {
-            matches!(
-                f["kind"].as_str().unwrap(),
-                "status" | "header" | "body" | "bytes" | "grpc_status" | "grpc_message" | "failed"
-            )
-        })
-        .map(|f| {
-            (
-                f["path"].as_str().unwrap().to_owned(),
-                f["kind"].as_str().unwrap().to_owned(),
-                f["field"].as_str().unwrap().to_owned(),
-                format!(
-                    "{} -> {}",
-                    f["expected"].as_str().unwrap(),
-                    f["actual"].as_str().unwrap()
-                ),
-            )
-        })
-        .collect()
-}
-
-/// What version 2 of the upstream changes of items 1–40: one JSON field, one status.
-fn v2_differences() -> Vec<(String, String, String, String)> {
-    vec![
-        (
-            "/items/7".into(),
-            "body".into(),
-            "$.price".into(),
-            "70 -> 71".into(),
-        ),
-        (
-            "/items/13".into(),
-            "status".into(),
-            "status".into(),
-            "200 -> 503".into(),
-        ),
-    ]
 }
 
 #[test]
@@ -664,29 +473,10 @@ fn the_replay_service_runs_replays_for_automation_under_its_own_identity() {
 
 #[test]
 fn the_replay_routes_are_documented_and_nothing_else() {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../docs/api/openapi.yaml"
-    ))
-    .unwrap();
-    let spec: serde_json::Value = serde_norway::from_str(&text).unwrap();
-    let mut documented = std::collections::BTreeSet::new();
-    for (path, ops) in spec["paths"].as_object().unwrap() {
-        if ops.get("x-cloudtap-role").and_then(|r| r.as_str()) != Some("replay") {
-            continue;
-        }
-        for method in ops.as_object().unwrap().keys() {
-            if !method.starts_with("x-") {
-                documented.insert((method.to_uppercase(), path.clone()));
-            }
-        }
-    }
-    let served: std::collections::BTreeSet<(String, String)> =
-        cloudtap_cli::replay_role::HTTP_ROUTES
-            .iter()
-            .map(|(m, p)| (m.to_string(), p.to_string()))
-            .collect();
-    assert_eq!(documented, served);
+    assert_eq!(
+        documented_routes("replay"),
+        served_routes(cloudtap_cli::replay_role::HTTP_ROUTES)
+    );
 }
 
 /// `cloudtapd replay` alone, beside an edge, sharing its log on the Kafka test broker.

@@ -63,6 +63,20 @@ pub struct EdgeConfig {
     /// The replay service (`cloudtapd all` / `cloudtapd replay`).
     #[serde(default)]
     pub replay: ReplayConfig,
+    /// Incident bundles (`cloudtapctl export`), built by the query service.
+    #[serde(default)]
+    pub export: ExportConfig,
+}
+
+/// `[export]`: the key bundles are signed with. Not the token issuer key: a CLI that
+/// trusts bundles need not trust tokens. Without `key`, the embedded default and a
+/// node beside it use the development one (`<data dir>/pki/export-signing.key`); a
+/// configured deployment without it refuses exports.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportConfig {
+    /// Ed25519 seed (64 hex digits) file; its public half goes to the CLIs' config.
+    pub key: Option<PathBuf>,
 }
 
 /// `[replay]`: the replay service's own identity: a client certificate (and key) the

@@ -99,6 +99,14 @@ impl DevPki {
         self.dir.join("token-signing.pub")
     }
 
+    /// The development export key (bundles), apart from the token signing key.
+    pub fn export_key(&self) -> PathBuf {
+        self.dir.join("export-signing.key")
+    }
+    pub fn export_pub(&self) -> PathBuf {
+        self.dir.join("export-signing.pub")
+    }
+
     pub fn replay_cert(&self) -> PathBuf {
         self.dir.join("replay-client.pem")
     }
@@ -140,6 +148,12 @@ impl DevPki {
             let key = crate::token::SigningKey::generate();
             write(&self.signing_key(), key.seed_hex().as_bytes(), true)?;
             write(&self.signing_pub(), key.public_hex().as_bytes(), false)?;
+            created = true;
+        }
+        if !self.export_key().exists() {
+            let key = crate::token::SigningKey::generate();
+            write(&self.export_key(), key.seed_hex().as_bytes(), true)?;
+            write(&self.export_pub(), key.public_hex().as_bytes(), false)?;
             created = true;
         }
         Ok(created)

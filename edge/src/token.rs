@@ -136,6 +136,11 @@ impl SigningKey {
         VerifyingKey(self.0.verifying_key())
     }
 
+    /// A detached Ed25519 signature over `msg` (incident bundles' `manifest.sig`).
+    pub fn sign_bytes(&self, msg: &[u8]) -> [u8; 64] {
+        self.0.sign(msg).to_bytes()
+    }
+
     pub fn sign(&self, claims: &Claims) -> String {
         let body = B64.encode(serde_json::to_vec(claims).expect("claims serialize"));
         let signed = format!("{PREFIX}.{body}");
@@ -157,6 +162,21 @@ impl VerifyingKey {
         ed25519_dalek::VerifyingKey::from_bytes(&bytes)
             .map(Self)
             .map_err(|_| TokenError::Malformed("not an Ed25519 public key".into()))
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0.to_bytes())
+    }
+
+    /// Whether `sig` is this key's Ed25519 signature over `msg` (strict: no malleable
+    /// encodings).
+    pub fn verify_bytes(&self, msg: &[u8], sig: &[u8]) -> bool {
+        let Ok(sig) = <[u8; 64]>::try_from(sig) else {
+            return false;
+        };
+        self.0
+            .verify_strict(msg, &ed25519_dalek::Signature::from_bytes(&sig))
+            .is_ok()
     }
 
     /// Checks form, signature and expiry. Scope, binding and revocation are the

@@ -267,6 +267,13 @@ impl QueryEngine {
                 })?,
             None => Default::default(),
         };
+        // Imported bundles add files, and no log range (so not before `read_tail`).
+        let imports: Vec<Marker> = cloudtap_recorder::archive::read_imports(self.archive.as_ref())
+            .await
+            .map_err(|e| QueryError::Archive(e.to_string()))?
+            .iter()
+            .map(|m| m.as_marker())
+            .collect();
         let config = SessionConfig::new()
             .with_target_partitions(self.settings.target_partitions)
             .with_information_schema(true)
@@ -308,6 +315,9 @@ impl QueryEngine {
                 df = df.union(open)?;
             }
             frames.insert(table, df);
+        }
+        if !imports.is_empty() {
+            self.add_imports(&ctx, &mut frames, &imports, &url)?;
         }
         if let Scope::Sessions { identity, targets } = &reader.scope {
             let sessions = frames.remove("sessions").expect("sessions is a table");
@@ -356,6 +366,47 @@ impl QueryEngine {
         Ok(ctx)
     }
 
+    /// Adds imported bundles' rows to the tables, except those of chains this store
+    /// holds itself (captured here, or already in its log): a bundle imported into the
+    /// store it came from adds no row twice.
+    fn add_imports(
+        &self,
+        ctx: &SessionContext,
+        frames: &mut BTreeMap<&str, DataFrame>,
+        imports: &[Marker],
+        url: &ObjectStoreUrl,
+    ) -> Result<(), QueryError> {
+        let own = |table: &str, key: &str| -> Result<DataFrame, QueryError> {
+            Ok(frames[table]
+                .clone()
+                .select(vec![col(key).alias("own_key")])?
+                .distinct()?)
+        };
+        let own_chains = own("events", "chain_id")?;
+        let own_sessions = own("sessions", "session_id")?;
+        let own_runs = own("replay_diffs", "chain_id")?;
+        for table in TABLES {
+            let files = archived_files(imports, table);
+            if files.is_empty() {
+                continue;
+            }
+            let (key, own) = match table {
+                "sessions" | "streams" => ("session_id", own_sessions.clone()),
+                "replay_diffs" => ("chain_id", own_runs.clone()),
+                _ => ("chain_id", own_chains.clone()),
+            };
+            let mut imported = ctx
+                .read_table(Arc::new(ArchiveTable::new(table, files, url.clone())))?
+                .join(own, JoinType::LeftAnti, &[key], &["own_key"], None)?;
+            if matches!(table, "sessions" | "streams") {
+                imported = imported.with_column("status", lit("closed"))?;
+            }
+            let df = frames.remove(table).expect("every table has a frame");
+            frames.insert(table, df.union(imported)?);
+        }
+        Ok(())
+    }
+
     /// Plans and starts `sql` for `reader`.
     pub async fn execute(
         &self,
@@ -363,12 +414,31 @@ impl QueryEngine {
         sql: &str,
         max_rows: Option<u64>,
     ) -> Result<QueryOutput, QueryError> {
-        let started = Instant::now();
-        let deadline = started + self.settings.timeout;
         let limit = match max_rows {
             Some(n) if n > 0 => n.min(self.settings.max_rows),
             _ => self.settings.max_rows,
         };
+        self.execute_limited(reader, sql, limit).await
+    }
+
+    /// Like [`QueryEngine::execute`], without the row limit: for exports, which must
+    /// hold every row of what they select (the deadline and memory limit still hold).
+    pub async fn execute_whole(
+        &self,
+        reader: &Reader,
+        sql: &str,
+    ) -> Result<QueryOutput, QueryError> {
+        self.execute_limited(reader, sql, u64::MAX).await
+    }
+
+    async fn execute_limited(
+        &self,
+        reader: &Reader,
+        sql: &str,
+        limit: u64,
+    ) -> Result<QueryOutput, QueryError> {
+        let started = Instant::now();
+        let deadline = started + self.settings.timeout;
         let work = async {
             let ctx = self.context(reader).await?;
             let state = ctx.state();

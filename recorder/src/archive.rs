@@ -299,6 +299,69 @@ pub struct OpenStream {
     pub row: StreamRow,
 }
 
+/// Where imported bundles' markers live (`cloudtapctl import`): apart from the
+/// ranges, so the log's archived offsets and retention never see them.
+pub const IMPORTS_PREFIX: &str = "_imports/";
+
+/// One imported bundle: the files it added. Written after them, so readers see all of
+/// a bundle or none of it; its key is the bundle's manifest hash, so importing the same
+/// bundle again finds it and changes nothing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImportMarker {
+    pub format: u32,
+    /// Hex SHA-256 of the bundle's `manifest.json`.
+    pub manifest_sha256: String,
+    pub sessions: Vec<String>,
+    pub files: Vec<MarkedFile>,
+    pub imported_unix_ms: u64,
+}
+
+impl ImportMarker {
+    pub fn key(manifest_sha256: &str) -> String {
+        format!("{IMPORTS_PREFIX}{manifest_sha256}.json")
+    }
+
+    /// As a committed range's marker, for readers that list files by marker. It names
+    /// no log range: pass it to nothing that reads the log.
+    pub fn as_marker(&self) -> Marker {
+        Marker {
+            format: MARKER_FORMAT,
+            partition: u32::MAX,
+            first: 0,
+            last: 0,
+            records: 0,
+            duplicates_dropped: 0,
+            min_ts: 0,
+            max_ts: 0,
+            tables_version: tables::TABLES_VERSION,
+            files: self.files.clone(),
+            checkpoint: Checkpoint::default(),
+            committed_by: format!("import {}", self.manifest_sha256),
+            committed_unix_ms: self.imported_unix_ms,
+        }
+    }
+}
+
+/// Every imported bundle's marker.
+pub async fn read_imports(store: &dyn ObjectStore) -> Result<Vec<ImportMarker>, RecorderError> {
+    let mut out = Vec::new();
+    for m in store.list(IMPORTS_PREFIX).await? {
+        if !m.key.ends_with(".json") {
+            continue;
+        }
+        let Some(bytes) = store.get(&m.key).await? else {
+            continue;
+        };
+        out.push(
+            serde_json::from_slice(&bytes).map_err(|e| RecorderError::BadMarker {
+                key: m.key.clone(),
+                reason: e.to_string(),
+            })?,
+        );
+    }
+    Ok(out)
+}
+
 pub fn marker_prefix(partition: u32) -> String {
     format!("_ranges/{partition:05}/")
 }

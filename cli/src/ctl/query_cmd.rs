@@ -95,7 +95,7 @@ async fn run_once(ctx: &Ctx, token: &str, sql: &str, max_rows: u64) -> Result<An
 }
 
 /// The query service puts its error code before the message (`bad_sql: …`).
-fn query_status(s: tonic::Status) -> CallError {
+pub(super) fn query_status(s: tonic::Status) -> CallError {
     let mut e = status_error(s);
     if let Some((code, msg)) = e.message.split_once(": ")
         && !code.contains(' ')
@@ -186,6 +186,21 @@ async fn with_spinner<T>(fut: impl std::future::Future<Output = T>) -> T {
 /// Runs `sql` with the user's token, logging in once more if the cached token was
 /// refused as expired.
 pub(super) async fn run(ctx: &Ctx, sql: &str, max_rows: u64) -> CtlResult<Answer> {
+    if let Some(file) = &ctx.from_bundle {
+        // No server: the bundle, loaded once per command into a throw-away archive.
+        let (_, engine) = ctx
+            .bundle
+            .get_or_try_init(|| super::bundle_cmd::bundle_engine(ctx, file))
+            .await?;
+        let reader = crate::bundle::import::local_reader();
+        let out = engine.execute(&reader, sql, Some(max_rows)).await?;
+        let (schema, batches, truncated) = cloudtap_query::service::collect(out).await?;
+        return Ok(Answer {
+            schema,
+            batches,
+            truncated,
+        });
+    }
     let token = user_token(ctx).await?;
     let first = with_spinner(run_once(ctx, &token, sql, max_rows)).await;
     match first {

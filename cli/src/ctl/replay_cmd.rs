@@ -19,7 +19,7 @@ use cloudtap_schemas::Record;
 
 use super::query_cmd::{run as run_sql, session_id};
 use super::{Control, CtlResult, Ctx, Output, connect, with_token};
-use crate::replay_run::{self, Ask, Edge};
+use crate::replay_run::{self, Ask, Edge, Via};
 
 #[derive(Debug, Args)]
 pub struct ReplayArgs {
@@ -62,6 +62,13 @@ pub struct ReplayArgs {
     /// How long one request, or a stream's silence, may last.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     timeout: Duration,
+    /// Read the session from this incident bundle instead of the query service.
+    #[arg(long)]
+    pub(super) from_bundle: Option<std::path::PathBuf>,
+    /// Send straight to HOST:PORT over plain TCP, with no edge (reproducing on a
+    /// laptop); findings are then not recorded anywhere.
+    #[arg(long, value_name = "HOST:PORT")]
+    direct: Option<String>,
 }
 
 /// The session's records, read through the query service as the user: all of them
@@ -170,17 +177,32 @@ pub async fn replay(ctx: &Ctx, a: ReplayArgs) -> CtlResult<()> {
     };
     // Bad flags fail before anything is read or opened.
     replay_run::options(&ask)?;
+    if let Some(d) = &a.direct
+        && d.parse::<std::net::SocketAddr>().is_err()
+        && d.rsplit_once(':')
+            .is_none_or(|(_, p)| p.parse::<u16>().is_err())
+    {
+        anyhow::bail!("--direct {d:?} is not HOST:PORT");
+    }
+    if a.direct.is_some() && ask.target.is_some() {
+        anyhow::bail!("--target and --direct exclude each other: --direct names where to send");
+    }
     let records = fetch(ctx, &id, true).await?;
-    let edge = UserEdge {
-        ctx,
-        control: connect(ctx).await,
-    };
     let progress: Option<Arc<dyn Progress>> =
         std::io::stderr().is_terminal().then(|| Arc::new(Bar) as _);
-    let report = replay_run::replay(&edge, &id, &records, &ask, progress, |line| {
-        eprintln!("cloudtapctl: {line}")
-    })
-    .await?;
+    let announce = |line: String| eprintln!("cloudtapctl: {line}");
+    let report = match &a.direct {
+        Some(addr) => {
+            replay_run::replay(Via::Direct(addr), &id, &records, &ask, progress, announce).await?
+        }
+        None => {
+            let edge = UserEdge {
+                ctx,
+                control: connect(ctx).await,
+            };
+            replay_run::replay(Via::Edge(&edge), &id, &records, &ask, progress, announce).await?
+        }
+    };
     let mut out = std::io::stdout().lock();
     match ctx.output {
         Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?,

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use cloudtap_edge::Endpoints;
 
+pub mod shop;
+
 pub fn cloudtapd() -> Command {
     Command::new(env!("CARGO_BIN_EXE_cloudtapd"))
 }
@@ -215,5 +217,35 @@ pub fn ndjson(out: &str) -> Vec<serde_json::Value> {
     out.lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect()
+}
+
+/// The (method, path) pairs `docs/api/openapi.yaml` marks `x-cloudtap-role: role`.
+pub fn documented_routes(role: &str) -> std::collections::BTreeSet<(String, String)> {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/api/openapi.yaml"
+    ))
+    .unwrap();
+    let spec: serde_json::Value = serde_norway::from_str(&text).unwrap();
+    let mut documented = std::collections::BTreeSet::new();
+    for (path, ops) in spec["paths"].as_object().unwrap() {
+        if ops.get("x-cloudtap-role").and_then(|r| r.as_str()) != Some(role) {
+            continue;
+        }
+        for method in ops.as_object().unwrap().keys() {
+            if !method.starts_with("x-") {
+                documented.insert((method.to_uppercase(), path.clone()));
+            }
+        }
+    }
+    documented
+}
+
+/// `routes` as [`documented_routes`] gives them.
+pub fn served_routes(routes: &[(&str, &str)]) -> std::collections::BTreeSet<(String, String)> {
+    routes
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
         .collect()
 }
