@@ -16,15 +16,16 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use futures::Stream;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use uuid::Uuid;
 
 use cloudtap_edge::EdgeState;
 use cloudtap_edge::token::SigningKey;
 use cloudtap_proto::query::v1 as pb;
 use cloudtap_proto::query::v1::export_service_server::{ExportService, ExportServiceServer};
-use cloudtap_query::service::{Access, HttpError, collect};
+use cloudtap_query::service::{HttpError, collect};
 use cloudtap_query::{QueryEngine, QueryError, Reader};
 use cloudtap_schemas::tables::{self, TABLES};
 
@@ -93,7 +94,7 @@ impl Exporter {
         via: &str,
         ask: ExportAsk,
     ) -> Result<Built, QueryError> {
-        let reader = self.access.reader(authorization).await?;
+        let reader = self.access.reader_for(authorization, "export").await?;
         let result = self.build(&reader, &ask).await;
         let outcome = match &result {
             Ok(b) => format!(
@@ -123,9 +124,10 @@ impl Exporter {
             ));
         };
         let sessions = self.select(reader, ask).await?;
+        // UUIDs in canonical form: nothing else reaches the SQL text.
         let ids = sessions
             .iter()
-            .map(|s| format!("'{s}'"))
+            .map(|s| format!("'{}'", s.hyphenated()))
             .collect::<Vec<_>>()
             .join(", ");
         let mut slices = Slices::default();
@@ -165,6 +167,15 @@ impl Exporter {
             }
             slices.tables.insert(table.to_string(), exact);
         }
+        let late = slices
+            .cut_to_whole_chains()
+            .map_err(|e| QueryError::Internal(e.to_string()))?;
+        if late > 0 {
+            tracing::debug!(
+                records = late,
+                "records appended while the export read its tables are left out"
+            );
+        }
         let meta = ExportMeta {
             exported_by: reader.identity.clone(),
             selection: selection(ask),
@@ -195,10 +206,11 @@ impl Exporter {
     }
 
     /// The sessions the ask names, as `reader` may see them.
-    async fn select(&self, reader: &Reader, ask: &ExportAsk) -> Result<Vec<String>, QueryError> {
+    async fn select(&self, reader: &Reader, ask: &ExportAsk) -> Result<Vec<Uuid>, QueryError> {
         let filtered = ask.since_unix_nanos != 0
             || ask.until_unix_nanos != 0
             || !ask.predicate.trim().is_empty();
+        let mut asked = Vec::new();
         let sql = if !ask.sessions.is_empty() {
             if filtered {
                 return Err(QueryError::Sql(
@@ -207,11 +219,12 @@ impl Exporter {
             }
             let mut ids = Vec::new();
             for s in &ask.sessions {
-                let id = uuid::Uuid::parse_str(s.trim()).map_err(|_| {
+                let id = Uuid::parse_str(s.trim()).map_err(|_| {
                     QueryError::Sql(format!(
                         "{s:?} is not a session id (a UUID, as `cloudtapctl sessions list` shows)"
                     ))
                 })?;
+                asked.push(id);
                 ids.push(format!("'{}'", id.hyphenated()));
             }
             format!(
@@ -252,21 +265,27 @@ impl Exporter {
                 .as_any()
                 .downcast_ref::<arrow::array::StringArray>()
                 .ok_or_else(|| QueryError::Internal("session_id is not text".into()))?;
-            found.extend(col.iter().flatten().map(str::to_string));
-        }
-        if !ask.sessions.is_empty() {
-            let missing: Vec<&str> = ask
-                .sessions
-                .iter()
-                .map(|s| s.trim())
-                .filter(|s| !found.iter().any(|f| f.eq_ignore_ascii_case(s)))
-                .collect();
-            if !missing.is_empty() {
-                return Err(QueryError::Forbidden(format!(
-                    "no session {} that you may read; `cloudtapctl sessions list` shows yours",
-                    missing.join(", ")
-                )));
+            // A predicate can make the query answer anything: only UUIDs go on.
+            for v in col.iter().flatten() {
+                found.push(Uuid::parse_str(v).map_err(|_| {
+                    QueryError::Sql(format!(
+                        "the selection gave {v:?}, not a session id; select sessions with a predicate over the sessions table"
+                    ))
+                })?);
             }
+        }
+        found.sort();
+        found.dedup();
+        let missing: Vec<String> = asked
+            .iter()
+            .filter(|a| !found.contains(a))
+            .map(|a| a.hyphenated().to_string())
+            .collect();
+        if !missing.is_empty() {
+            return Err(QueryError::Forbidden(format!(
+                "no session {} that you may read; `cloudtapctl sessions list` shows yours",
+                missing.join(", ")
+            )));
         }
         if found.is_empty() {
             return Err(QueryError::Sql(
@@ -387,17 +406,17 @@ impl ExportService for Exporter {
 }
 
 /// `POST /v1/exports` body.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExportBody {
     #[serde(default)]
     pub sessions: Vec<String>,
     /// RFC 3339.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub until: Option<String>,
-    #[serde(default, rename = "where")]
+    #[serde(default, rename = "where", skip_serializing_if = "Option::is_none")]
     pub predicate: Option<String>,
 }
 
@@ -417,8 +436,13 @@ fn rfc3339_nanos(field: &str, v: &Option<String>) -> Result<i64, String> {
     let Some(v) = v else { return Ok(0) };
     let t = humantime::parse_rfc3339_weak(v)
         .map_err(|e| format!("{field}: {e}; give an RFC 3339 time such as 2026-11-25T10:00:00Z"))?;
-    Ok(t.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64))
+    unix_nanos(t).ok_or_else(|| format!("{field}: {v} is outside 1970 to 2262"))
+}
+
+/// Unix nanoseconds of `t`, when it fits (1970 to 2262).
+pub fn unix_nanos(t: std::time::SystemTime) -> Option<i64> {
+    let d = t.duration_since(std::time::UNIX_EPOCH).ok()?;
+    i64::try_from(d.as_nanos()).ok().filter(|n| *n > 0)
 }
 
 async fn http_export(

@@ -51,13 +51,17 @@ pub fn engine(
 /// The control plane as the query service's gatekeeper.
 pub struct EdgeAccess(pub Arc<EdgeState>);
 
-#[async_trait]
-impl Access for EdgeAccess {
-    async fn reader(&self, authorization: Option<&str>) -> Result<Reader, QueryError> {
+impl EdgeAccess {
+    /// The reader `authorization` names, for `action` (what a refusal is audited as).
+    pub async fn reader_for(
+        &self,
+        authorization: Option<&str>,
+        action: &str,
+    ) -> Result<Reader, QueryError> {
         let caller = Caller::from_authorization(authorization);
         let grant = self
             .0
-            .read_grant(&caller, "query")
+            .read_grant(&caller, action)
             .await
             .map_err(|r| match r.kind() {
                 ErrorKind::Unauthenticated => QueryError::Unauthenticated(r.to_string()),
@@ -75,6 +79,13 @@ impl Access for EdgeAccess {
             identity: grant.identity,
             scope,
         })
+    }
+}
+
+#[async_trait]
+impl Access for EdgeAccess {
+    async fn reader(&self, authorization: Option<&str>) -> Result<Reader, QueryError> {
+        self.reader_for(authorization, "query").await
     }
 
     async fn record(&self, reader: &Reader, via: &str, sql: &str, outcome: &str) {

@@ -176,6 +176,46 @@ fn an_export_verifies_and_every_tampering_is_named() {
     let (code, out, err) = verify(r.data.path(), &via_http, &[]);
     assert_eq!(code, 0, "{out}{err}");
 
+    // Selected by time and predicate instead of by id: the same session.
+    let selected = r.data.path().join("selected.tar.zst");
+    let (code, out, err) = run(cloudtapctl(r.data.path())
+        .args([
+            "-o",
+            "json",
+            "export",
+            "--since",
+            "1h",
+            "--where",
+            "target = 'v1'",
+            "--file",
+        ])
+        .arg(&selected));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("\"sessions\":1"), "{out}");
+    let m = members(&selected);
+    let manifest: serde_json::Value = serde_json::from_slice(&m[0].1).unwrap();
+    assert_eq!(m[0].0, "manifest.json");
+    assert_eq!(manifest["sessions"][0]["session_id"], r.session.as_str());
+    assert_eq!(manifest["selection"]["where"], "target = 'v1'");
+    assert_eq!(manifest["record_counts"]["http_exchanges"], 50);
+    let (code, _, err) = run(cloudtapctl(r.data.path())
+        .args(["export", "--where", "target = 'v2'", "--file"])
+        .arg(&selected)
+        .arg("--force"));
+    assert_eq!(code, 2);
+    assert!(err.contains("no session you may read matches"), "{err}");
+    let (code, _, err) = run(cloudtapctl(r.data.path())
+        .args(["export", "--where", "no_such_column = 1", "--file"])
+        .arg(&selected)
+        .arg("--force"));
+    assert_eq!(code, 2);
+    assert!(err.contains("no_such_column"), "{err}");
+    let (code, _, err) = run(cloudtapctl(r.data.path())
+        .args(["export", "--since", "yesterday", "--file"])
+        .arg(&selected));
+    assert_eq!(code, 2);
+    assert!(err.contains("neither a duration"), "{err}");
+
     // Truncated or corrupted archives fail with a clear error, exit 1.
     let whole = std::fs::read(&r.bundle).unwrap();
     std::fs::write(&tampered, &whole[..whole.len() / 2]).unwrap();
@@ -228,7 +268,7 @@ fn an_export_verifies_and_every_tampering_is_named() {
         r.data.path(),
         &format!(
             "SELECT detail FROM events WHERE kind = 'audit' AND action = 'export' \
-             AND detail LIKE '%exported 1 sessions%{}%' ORDER BY seq",
+             AND detail LIKE '%sessions={} since=%exported 1 sessions%' ORDER BY seq",
             r.session
         ),
         2,
@@ -482,4 +522,57 @@ fn the_export_route_is_documented_and_nothing_else() {
         documented_routes("export"),
         served_routes(cloudtap_cli::export_role::HTTP_ROUTES)
     );
+}
+
+#[test]
+fn a_session_still_open_exports_as_far_as_recorded_and_is_not_imported() {
+    let data = tempfile::tempdir().unwrap();
+    let (v1, v2) = (upstream(1), upstream(2));
+    let cfg = config(data.path(), &v1.addr, &v2.addr);
+    let _d = Daemon::start("all", data.path(), &["--config", cfg.to_str().unwrap()]);
+    let (mut proxy, _, local, session) = start_proxy_session(data.path(), "v1");
+    requests(&local, &[get("/items/1"), get("/items/2")]);
+    wait_rows(
+        data.path(),
+        &format!("SELECT path FROM http_exchanges WHERE session_id = '{session}'"),
+        2,
+    );
+    let bundle = data.path().join("open.tar.zst");
+    let (code, out, err) = run(cloudtapctl(data.path())
+        .args(["export", &session, "--file"])
+        .arg(&bundle));
+    assert_eq!(code, 0, "{out}{err}");
+    let manifest: serde_json::Value = serde_json::from_slice(&members(&bundle)[0].1).unwrap();
+    assert!(
+        manifest["sessions"][0].get("closed_at").is_none(),
+        "{manifest}"
+    );
+    assert_eq!(manifest["record_counts"]["sessions"], 0, "{manifest}");
+    let (code, out, err) = verify(data.path(), &bundle, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+
+    // Read in place, yes; imported as if whole, no.
+    let (code, out, err) = run(cloudtapctl(data.path()).args([
+        "-o",
+        "json",
+        "query",
+        "--from-bundle",
+        bundle.to_str().unwrap(),
+        "SELECT path FROM http_exchanges ORDER BY path",
+    ]));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(ndjson(&out).len(), 2, "{out}");
+    let other = tempfile::tempdir().unwrap();
+    let key = data.path().join("pki/export-signing.pub");
+    let (code, _, err) = run(cloudtapctl(other.path())
+        .arg("import")
+        .arg(&bundle)
+        .args(["--trust", key.to_str().unwrap()]));
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("still open when the bundle was exported"),
+        "{err}"
+    );
+    let _ = proxy.kill();
+    let _ = proxy.wait();
 }

@@ -26,7 +26,7 @@ use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 
 use cloudtap_recorder::EventLog;
-use cloudtap_recorder::archive::{Marker, read_tail};
+use cloudtap_recorder::archive::{IMPORTS_PREFIX, ImportMarker, Marker, read_tail};
 use cloudtap_recorder::store::{ObjectStore, S3Settings};
 use cloudtap_schemas::tables::TABLES;
 
@@ -118,6 +118,8 @@ pub struct QueryEngine {
     settings: QuerySettings,
     /// Committed markers by key: a marker never changes once written.
     markers: Mutex<BTreeMap<String, Arc<Marker>>>,
+    /// Imported bundles' markers by key, likewise.
+    imports: Mutex<BTreeMap<String, Arc<Marker>>>,
     /// Shared by every query: the object store and the Parquet footer cache.
     runtime: Arc<RuntimeEnv>,
 }
@@ -199,6 +201,7 @@ impl QueryEngine {
             log,
             settings,
             markers: Mutex::default(),
+            imports: Mutex::default(),
             runtime,
         })
     }
@@ -248,6 +251,50 @@ impl QueryEngine {
         Ok(out)
     }
 
+    /// The imported bundles now (`_imports/`), as markers of their files: listed afresh,
+    /// read only when new. One that does not parse is left out with a warning, so a
+    /// damaged import never stops the store's own queries.
+    async fn imports(&self) -> Result<Vec<Marker>, QueryError> {
+        let listed = self
+            .archive
+            .list(IMPORTS_PREFIX)
+            .await
+            .map_err(|e| QueryError::Archive(e.to_string()))?;
+        let mut fresh = BTreeMap::new();
+        for m in listed.iter().filter(|m| m.key.ends_with(".json")) {
+            let known = self
+                .imports
+                .lock()
+                .expect("import cache poisoned")
+                .get(&m.key)
+                .cloned();
+            let marker = match known {
+                Some(k) => k,
+                None => {
+                    let Some(bytes) = self
+                        .archive
+                        .get(&m.key)
+                        .await
+                        .map_err(|e| QueryError::Archive(e.to_string()))?
+                    else {
+                        continue;
+                    };
+                    match serde_json::from_slice::<ImportMarker>(&bytes) {
+                        Ok(i) => Arc::new(i.as_marker()),
+                        Err(e) => {
+                            tracing::warn!(key = %m.key, error = %e, "an unreadable import marker is left out of queries");
+                            continue;
+                        }
+                    }
+                }
+            };
+            fresh.insert(m.key.clone(), marker);
+        }
+        let out = fresh.values().map(|m| (**m).clone()).collect();
+        *self.imports.lock().expect("import cache poisoned") = fresh;
+        Ok(out)
+    }
+
     /// A context whose tables are this snapshot, as `reader` may see them.
     pub async fn context(&self, reader: &Reader) -> Result<SessionContext, QueryError> {
         let markers: Vec<Marker> = self
@@ -268,12 +315,7 @@ impl QueryEngine {
             None => Default::default(),
         };
         // Imported bundles add files, and no log range (so not before `read_tail`).
-        let imports: Vec<Marker> = cloudtap_recorder::archive::read_imports(self.archive.as_ref())
-            .await
-            .map_err(|e| QueryError::Archive(e.to_string()))?
-            .iter()
-            .map(|m| m.as_marker())
-            .collect();
+        let imports = self.imports().await?;
         let config = SessionConfig::new()
             .with_target_partitions(self.settings.target_partitions)
             .with_information_schema(true)
@@ -390,10 +432,11 @@ impl QueryEngine {
             if files.is_empty() {
                 continue;
             }
-            let (key, own) = match table {
-                "sessions" | "streams" => ("session_id", own_sessions.clone()),
-                "replay_diffs" => ("chain_id", own_runs.clone()),
-                _ => ("chain_id", own_chains.clone()),
+            let key = ImportMarker::chain_column(table);
+            let own = match table {
+                "sessions" | "streams" => own_sessions.clone(),
+                "replay_diffs" => own_runs.clone(),
+                _ => own_chains.clone(),
             };
             let mut imported = ctx
                 .read_table(Arc::new(ArchiveTable::new(table, files, url.clone())))?

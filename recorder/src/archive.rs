@@ -317,6 +317,15 @@ pub struct ImportMarker {
 }
 
 impl ImportMarker {
+    /// The column that names a row's chain in `table` (for `sessions` and `streams`, the
+    /// session's): imports are kept apart from the store's own rows by it.
+    pub fn chain_column(table: &str) -> &'static str {
+        match table {
+            "sessions" | "streams" => "session_id",
+            _ => "chain_id",
+        }
+    }
+
     pub fn key(manifest_sha256: &str) -> String {
         format!("{IMPORTS_PREFIX}{manifest_sha256}.json")
     }
@@ -340,26 +349,6 @@ impl ImportMarker {
             committed_unix_ms: self.imported_unix_ms,
         }
     }
-}
-
-/// Every imported bundle's marker.
-pub async fn read_imports(store: &dyn ObjectStore) -> Result<Vec<ImportMarker>, RecorderError> {
-    let mut out = Vec::new();
-    for m in store.list(IMPORTS_PREFIX).await? {
-        if !m.key.ends_with(".json") {
-            continue;
-        }
-        let Some(bytes) = store.get(&m.key).await? else {
-            continue;
-        };
-        out.push(
-            serde_json::from_slice(&bytes).map_err(|e| RecorderError::BadMarker {
-                key: m.key.clone(),
-                reason: e.to_string(),
-            })?,
-        );
-    }
-    Ok(out)
 }
 
 pub fn marker_prefix(partition: u32) -> String {

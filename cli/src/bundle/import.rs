@@ -18,6 +18,7 @@ use cloudtap_query::{QueryEngine, QuerySettings, Reader, Scope};
 use cloudtap_recorder::archive::{ImportMarker, MarkedFile, hive_partition};
 use cloudtap_recorder::store::{ObjectStore, S3Settings, open_store};
 use cloudtap_schemas::tables::{self, TABLES};
+use uuid::Uuid;
 
 use super::{Bundle, parquet_bytes, table_member};
 
@@ -58,17 +59,20 @@ pub async fn local_archive(
     Ok((store, Arc::new(engine)))
 }
 
-/// The sessions of `ids` whose chains `engine` already holds.
-async fn present(engine: &QueryEngine, ids: &[String]) -> anyhow::Result<BTreeSet<String>> {
+/// The chains of `ids` (sessions, replay runs) `engine` already holds.
+async fn present(engine: &QueryEngine, ids: &[Uuid]) -> anyhow::Result<BTreeSet<String>> {
     if ids.is_empty() {
         return Ok(BTreeSet::new());
     }
     let list = ids
         .iter()
-        .map(|i| format!("'{}'", i.replace('\'', "''")))
+        .map(|i| format!("'{}'", i.hyphenated()))
         .collect::<Vec<_>>()
         .join(", ");
-    let sql = format!("SELECT DISTINCT chain_id FROM events WHERE chain_id IN ({list})");
+    let sql = format!(
+        "SELECT chain_id FROM events WHERE chain_id IN ({list}) \
+         UNION SELECT chain_id FROM replay_diffs WHERE chain_id IN ({list})"
+    );
     let out = engine.execute_whole(&local_reader(), &sql).await?;
     let (_, batches, _) = cloudtap_query::service::collect(out).await?;
     let mut found = BTreeSet::new();
@@ -80,12 +84,11 @@ async fn present(engine: &QueryEngine, ids: &[String]) -> anyhow::Result<BTreeSe
     Ok(found)
 }
 
-/// The column a row is filed (and its session found) by.
-fn keys(table: &str) -> (&'static str, &'static str) {
+/// The column a row is filed by (its hive partition).
+fn time_column(table: &str) -> &'static str {
     match table {
-        "sessions" | "streams" => ("closed_at", "session_id"),
-        "replay_diffs" => ("ts", "replay_session"),
-        _ => ("ts", "chain_id"),
+        "sessions" | "streams" => "closed_at",
+        _ => "ts",
     }
 }
 
@@ -95,7 +98,7 @@ fn split(
     batch: &RecordBatch,
     skip: &BTreeSet<String>,
 ) -> anyhow::Result<BTreeMap<String, RecordBatch>> {
-    let (time_col, session_col) = keys(table);
+    let (time_col, session_col) = (time_column(table), ImportMarker::chain_column(table));
     let times = batch
         .column_by_name(time_col)
         .and_then(|c| c.as_any().downcast_ref::<TimestampNanosecondArray>())
@@ -127,13 +130,28 @@ fn split(
 }
 
 /// Loads `bundle` (verified by the caller) into `archive`; `engine` reads the same
-/// archive and finds the sessions it already holds.
+/// archive and finds the sessions it already holds. A session that was still open at
+/// export is only part of itself: refused unless `partial` (a throw-away archive), as a
+/// later bundle of the whole session could not replace it.
 pub async fn import(
     bundle: &Bundle,
     archive: &dyn ObjectStore,
     engine: &QueryEngine,
+    partial: bool,
 ) -> anyhow::Result<Imported> {
     let manifest = bundle.manifest().map_err(|e| anyhow::anyhow!(e))?;
+    let open: Vec<&str> = manifest
+        .sessions
+        .iter()
+        .filter(|s| s.closed_at.is_none())
+        .map(|s| s.session_id.as_str())
+        .collect();
+    if !open.is_empty() && !partial {
+        anyhow::bail!(
+            "session {} was still open when the bundle was exported, so it holds only part of it; import a bundle exported after it closed, or read this one with --from-bundle",
+            open.join(", ")
+        );
+    }
     let manifest_sha = super::sha256_hex(&bundle.members[super::MANIFEST]);
     let marker_key = ImportMarker::key(&manifest_sha);
     let mut done = Imported::default();
@@ -141,12 +159,15 @@ pub async fn import(
         done.bundle_already_imported = true;
         return Ok(done);
     }
-    let ids: Vec<String> = manifest
+    let ids = manifest
         .sessions
         .iter()
-        .map(|s| s.session_id.clone())
-        .chain(manifest.other_chains.iter().map(|c| c.chain_id.clone()))
-        .collect();
+        .map(|s| s.session_id.as_str())
+        .chain(manifest.other_chains.iter().map(|c| c.chain_id.as_str()))
+        .map(|id| {
+            Uuid::parse_str(id).map_err(|_| anyhow::anyhow!("the manifest names chain {id:?}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let skip = present(engine, &ids).await?;
     done.already_present = manifest
         .sessions

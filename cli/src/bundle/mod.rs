@@ -20,7 +20,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::time::{Duration, SystemTime};
 
-use arrow::array::RecordBatch;
+use arrow::array::{BooleanArray, RecordBatch, StringArray, UInt64Array};
+use arrow::compute::filter_record_batch;
 use arrow::datatypes::SchemaRef;
 use bytes::Bytes;
 use parquet::arrow::ArrowWriter;
@@ -194,17 +195,84 @@ pub struct Slices {
     pub tables: BTreeMap<String, Vec<RecordBatch>>,
 }
 
+/// The records of the record tables `table` gives, ordered by chain and seq.
+fn records_of(
+    mut table: impl FnMut(&str) -> Result<Vec<RecordBatch>, String>,
+) -> Result<Vec<Record>, String> {
+    let mut out = Vec::new();
+    for t in RECORD_TABLES {
+        for b in table(t)? {
+            out.extend(
+                tables::records_from_batch(&b).map_err(|e| format!("{}: {e}", table_member(t)))?,
+            );
+        }
+    }
+    out.sort_by_key(|a| (a.chain_id, a.seq));
+    Ok(out)
+}
+
 impl Slices {
     /// The records of the record tables, ordered by chain and seq.
     pub fn records(&self) -> Result<Vec<Record>, BundleError> {
-        let mut out = Vec::new();
+        records_of(|t| Ok(self.tables.get(t).cloned().unwrap_or_default())).map_err(build_err)
+    }
+
+    /// Keeps each chain from seq 0 up to its first missing seq. The tables of an export
+    /// are read one after the other: records a live session appended in between may be
+    /// in a later table but not an earlier one, and a chain with a hole would not
+    /// verify. Returns how many records were left out.
+    pub fn cut_to_whole_chains(&mut self) -> Result<u64, BundleError> {
+        let mut seqs: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        let cols = |b: &RecordBatch| -> Result<(StringArray, UInt64Array), BundleError> {
+            let chain = b
+                .column_by_name("chain_id")
+                .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+                .ok_or_else(|| build_err("chain_id is missing"))?;
+            let seq = b
+                .column_by_name("seq")
+                .and_then(|c| c.as_any().downcast_ref::<UInt64Array>())
+                .ok_or_else(|| build_err("seq is missing"))?;
+            Ok((chain.clone(), seq.clone()))
+        };
         for t in RECORD_TABLES {
             for b in self.tables.get(t).map(Vec::as_slice).unwrap_or_default() {
-                out.extend(tables::records_from_batch(b).map_err(build_err)?);
+                let (chain, seq) = cols(b)?;
+                for i in 0..b.num_rows() {
+                    seqs.entry(chain.value(i).to_string())
+                        .or_default()
+                        .push(seq.value(i));
+                }
             }
         }
-        out.sort_by_key(|a| (a.chain_id, a.seq));
-        Ok(out)
+        let ends: BTreeMap<String, u64> = seqs
+            .into_iter()
+            .map(|(c, mut s)| {
+                s.sort_unstable();
+                s.dedup();
+                let whole = s
+                    .iter()
+                    .enumerate()
+                    .take_while(|(i, q)| *i as u64 == **q)
+                    .count();
+                (c, whole as u64)
+            })
+            .collect();
+        let mut dropped = 0u64;
+        for t in RECORD_TABLES {
+            let Some(batches) = self.tables.get_mut(t) else {
+                continue;
+            };
+            for b in batches.iter_mut() {
+                let (chain, seq) = cols(b)?;
+                let keep: BooleanArray = (0..b.num_rows())
+                    .map(|i| Some(seq.value(i) < ends[chain.value(i)]))
+                    .collect();
+                let kept = filter_record_batch(b, &keep).map_err(build_err)?;
+                dropped += (b.num_rows() - kept.num_rows()) as u64;
+                *b = kept;
+            }
+        }
+        Ok(dropped)
     }
 }
 
@@ -465,9 +533,9 @@ impl Verification {
     }
 }
 
-/// Largest member accepted when reading: a Parquet slice of a large capture fits, a
-/// forged size field does not exhaust memory.
-const MAX_MEMBER: u64 = 16 << 30;
+/// Most a bundle may hold, uncompressed, for this build to read it (members are read
+/// into memory): a large capture fits, a compressed bomb does not exhaust memory.
+pub const MAX_BUNDLE_BYTES: u64 = 4 << 30;
 
 impl Bundle {
     /// Reads a `.tar.zst` bundle. A truncated or corrupted archive, or a member that is
@@ -488,6 +556,7 @@ impl Bundle {
             .map_err(|e| corrupt(e.to_string()))?;
         let mut tar = tar::Archive::new(dec);
         let mut members = BTreeMap::new();
+        let mut total = 0u64;
         let entries = tar.entries().map_err(|e| corrupt(e.to_string()))?;
         for e in entries {
             let mut e = e.map_err(|e| corrupt(e.to_string()))?;
@@ -503,8 +572,12 @@ impl Bundle {
                 return Err(corrupt(format!("member name {path:?} is not allowed")));
             }
             let size = e.size();
-            if size > MAX_MEMBER {
-                return Err(corrupt(format!("{path} claims {size} bytes")));
+            total = total.saturating_add(size);
+            if total > MAX_BUNDLE_BYTES {
+                return Err(BundleError::Corrupt(format!(
+                    "{name} holds more than {} GiB uncompressed, more than this build reads",
+                    MAX_BUNDLE_BYTES >> 30
+                )));
             }
             let mut bytes = Vec::with_capacity(size.min(1 << 26) as usize);
             e.read_to_end(&mut bytes)
@@ -568,17 +641,7 @@ impl Bundle {
 
     /// Every record of the bundle, by chain and seq.
     pub fn records(&self) -> Result<Vec<Record>, String> {
-        let mut out = Vec::new();
-        for t in RECORD_TABLES {
-            for b in self.table(t)? {
-                out.extend(
-                    tables::records_from_batch(&b)
-                        .map_err(|e| format!("{}: {e}", table_member(t)))?,
-                );
-            }
-        }
-        out.sort_by_key(|a| (a.chain_id, a.seq));
-        Ok(out)
+        records_of(|t| self.table(t))
     }
 
     /// Checks the three things separately: every member's hash against the manifest,
@@ -631,20 +694,19 @@ impl Bundle {
     fn check_chains(&self, m: &Manifest) -> Check {
         let mut problems = Vec::new();
         let mut chains: BTreeMap<Uuid, Vec<Record>> = BTreeMap::new();
+        // Each table on its own, so a broken one is named and the others still checked.
         for t in RECORD_TABLES {
-            let name = table_member(t);
-            match self.table(t) {
+            match records_of(|name| {
+                if name == t {
+                    self.table(t)
+                } else {
+                    Ok(Vec::new())
+                }
+            }) {
                 Err(e) => problems.push(e),
-                Ok(batches) => {
-                    for b in batches {
-                        match tables::records_from_batch(&b) {
-                            Ok(rs) => {
-                                for r in rs {
-                                    chains.entry(r.chain_id).or_default().push(r);
-                                }
-                            }
-                            Err(e) => problems.push(format!("{name}: {e}")),
-                        }
+                Ok(rs) => {
+                    for r in rs {
+                        chains.entry(r.chain_id).or_default().push(r);
                     }
                 }
             }
@@ -750,5 +812,60 @@ impl Bundle {
                 )
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloudtap_schemas::{ChainWriter, Direction, Frame, StreamOpened};
+
+    fn slices(records: &[Record]) -> Slices {
+        let mut s = Slices::default();
+        for t in RECORD_TABLES {
+            let rows: Vec<(&Record, bool)> = records
+                .iter()
+                .filter(|r| tables::table_of(r) == t)
+                .map(|r| (r, false))
+                .collect();
+            let b = tables::records_batch(t, rows.into_iter()).unwrap();
+            s.tables.insert(t.to_string(), vec![b]);
+        }
+        s
+    }
+
+    #[test]
+    fn chains_are_cut_at_their_first_missing_record() {
+        let mut w = ChainWriter::new(Uuid::now_v7());
+        let frame = |n: u64| {
+            Body::Frame(Frame {
+                stream_id: 1,
+                direction: Direction::Up,
+                offset: n,
+                length: 1,
+                payload: Some(vec![1]),
+            })
+        };
+        let opened = Body::StreamOpened(StreamOpened {
+            stream_id: 1,
+            ..Default::default()
+        });
+        let all = [
+            w.seal(1, opened.clone()),
+            w.seal(2, frame(0)),
+            w.seal(3, opened),
+            w.seal(4, frame(1)),
+        ];
+        // The events table was read before seq 2 was appended; frames after seq 3 was.
+        let seen = [all[0].clone(), all[1].clone(), all[3].clone()];
+        let mut s = slices(&seen);
+        assert_eq!(s.cut_to_whole_chains().unwrap(), 1);
+        let kept = s.records().unwrap();
+        assert_eq!(kept.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![0, 1]);
+        assert!(verify_chain(None, kept.iter()).is_ok());
+        // Whole chains are left as they are.
+        let mut s = slices(&all);
+        assert_eq!(s.cut_to_whole_chains().unwrap(), 0);
+        assert_eq!(s.records().unwrap().len(), 4);
     }
 }

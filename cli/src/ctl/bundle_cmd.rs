@@ -78,16 +78,16 @@ pub struct ImportArgs {
 /// A time flag: a stretch back from now, or an RFC 3339 time; unix nanoseconds.
 fn time_flag(flag: &str, v: &str) -> CtlResult<i64> {
     let t = if let Ok(d) = humantime::parse_duration(v) {
-        SystemTime::now() - d
+        SystemTime::now().checked_sub(d)
     } else if let Ok(t) = humantime::parse_rfc3339_weak(v) {
-        t
+        Some(t)
     } else {
         anyhow::bail!(
             "--{flag} {v:?} is neither a duration (1h, 30m, 2d) nor a time (2026-11-25T10:00:00Z)"
         );
     };
-    Ok(t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64))
+    t.and_then(crate::export_role::unix_nanos)
+        .with_context(|| format!("--{flag} {v:?} is outside 1970 to 2262"))
 }
 
 /// `[####      ] 1.2 MiB / 3.4 MiB` on stderr.
@@ -104,28 +104,31 @@ fn progress(done: u64, total: u64) {
     );
 }
 
-/// Where the download goes until it is complete.
+/// Where the download goes until it is complete: `FILE.<pid>.part`, removed unless
+/// renamed into place.
 struct Part {
     path: PathBuf,
     file: std::fs::File,
     written: u64,
     total: u64,
     bar: bool,
+    done: bool,
 }
 
 impl Part {
     fn create(target: &Path) -> CtlResult<Part> {
         let mut name = target.as_os_str().to_owned();
-        name.push(".part");
+        name.push(format!(".{}.part", std::process::id()));
         let path = PathBuf::from(name);
-        let file = std::fs::File::create(&path)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        let file = std::fs::File::create_new(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
         Ok(Part {
             path,
             file,
             written: 0,
             total: 0,
             bar: std::io::stderr().is_terminal(),
+            done: false,
         })
     }
 
@@ -140,12 +143,11 @@ impl Part {
         Ok(())
     }
 
-    fn finish(self, target: &Path) -> CtlResult<u64> {
+    fn finish(mut self, target: &Path) -> CtlResult<u64> {
         if self.bar {
             eprint!("\r\x1b[2K");
         }
-        if self.total != 0 && self.written != self.total {
-            let _ = std::fs::remove_file(&self.path);
+        if self.written != self.total {
             anyhow::bail!(
                 "the export stopped after {} of {} bytes; run it again",
                 self.written,
@@ -155,14 +157,16 @@ impl Part {
         self.file.sync_all()?;
         std::fs::rename(&self.path, target)
             .with_context(|| format!("cannot move the bundle to {}", target.display()))?;
+        self.done = true;
         Ok(self.written)
     }
 }
 
 impl Drop for Part {
     fn drop(&mut self) {
-        // Reached with the file still in place only when the export failed.
-        let _ = std::fs::remove_file(&self.path);
+        if !self.done {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -199,16 +203,23 @@ async fn export_once(
         Ok(p) => p,
         Err(e) => return Ok(Err(e)),
     };
-    let mut sessions = 0;
+    let mut sessions = None;
     while let Some(msg) = stream.message().await.map_err(status_error)? {
         if let Some(h) = msg.header {
             part.total = h.bundle_bytes;
-            sessions = h.sessions.len();
+            sessions = Some(h.sessions.len());
+        }
+        if sessions.is_none() {
+            return Err(CallError {
+                code: "error".into(),
+                message: "the export service sent data before its header; is the server a cloudtapd of this version?".into(),
+            });
         }
         if let Err(e) = part.write(&msg.data) {
             return Ok(Err(e));
         }
     }
+    let sessions = sessions.unwrap_or(0);
     Ok(part.finish(file).map(|n| (n, sessions)))
 }
 
@@ -218,16 +229,20 @@ async fn export_http(
     req: &qpb::ExportRequest,
     file: &Path,
 ) -> Result<CtlResult<(u64, usize)>, CallError> {
-    let mut body = serde_json::json!({"sessions": req.sessions});
-    if req.since_unix_nanos != 0 {
-        body["since"] = crate::bundle::rfc3339(req.since_unix_nanos).into();
-    }
-    if req.until_unix_nanos != 0 {
-        body["until"] = crate::bundle::rfc3339(req.until_unix_nanos).into();
-    }
-    if !req.r#where.is_empty() {
-        body["where"] = req.r#where.clone().into();
-    }
+    // Nanosecond RFC 3339, so the server reads back the same instants.
+    let time = |ns: i64| {
+        (ns != 0).then(|| {
+            let t = SystemTime::UNIX_EPOCH + Duration::from_nanos(ns as u64);
+            humantime::format_rfc3339_nanos(t).to_string()
+        })
+    };
+    let body = crate::export_role::ExportBody {
+        sessions: req.sessions.clone(),
+        since: time(req.since_unix_nanos),
+        until: time(req.until_unix_nanos),
+        predicate: (!req.r#where.is_empty()).then(|| req.r#where.clone()),
+    };
+    let body = serde_json::to_string(&body).expect("the body serializes");
     let unavailable = |e: String| CallError {
         code: "unavailable".into(),
         message: e,
@@ -237,7 +252,7 @@ async fn export_http(
         "POST",
         "/v1/exports",
         Some(token),
-        Some(body.to_string().into_bytes()),
+        Some(body.into_bytes()),
         "application/zstd",
     )
     .await
@@ -260,12 +275,16 @@ async fn export_http(
             message: err.error,
         });
     }
-    let total = resp
+    let Some(total) = resp
         .headers()
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    else {
+        return Err(unavailable(
+            "the export answer has no Content-Length, so a cut download could not be told from a whole one".into(),
+        ));
+    };
     let sessions = resp
         .headers()
         .get("x-cloudtap-sessions")
@@ -290,12 +309,6 @@ async fn export_http(
 }
 
 pub async fn export(ctx: &Ctx, a: ExportArgs) -> CtlResult<()> {
-    if a.file.exists() && !a.force {
-        anyhow::bail!(
-            "{} exists; pass --force to replace it, or choose another --file",
-            a.file.display()
-        );
-    }
     let mut sessions = Vec::new();
     for s in &a.sessions {
         sessions.push(super::query_cmd::session_id(s)?);
@@ -322,6 +335,12 @@ pub async fn export(ctx: &Ctx, a: ExportArgs) -> CtlResult<()> {
         && req.r#where.is_empty()
     {
         anyhow::bail!("say which sessions to export: ids, or --since/--until/--where");
+    }
+    if a.file.exists() && !a.force {
+        anyhow::bail!(
+            "{} exists; pass --force to replace it, or choose another --file",
+            a.file.display()
+        );
     }
     let token = user_token(ctx).await?;
     let first = export_once(ctx, &token, &req, &a.file).await;
@@ -479,7 +498,7 @@ fn checked(ctx: &Ctx, file: &Path, trust: &[String], need_signature: bool) -> Ct
         let why = v.signature.problems.join("; ");
         if need_signature {
             anyhow::bail!(
-                "{}: {why}; pass --trust KEY with the export key of the server that signed it, if you trust it",
+                "{}: {why}; import only what a server you trust signed (--trust KEY)",
                 file.display()
             );
         }
@@ -498,7 +517,7 @@ pub async fn import_cmd(ctx: &Ctx, a: ImportArgs) -> CtlResult<()> {
         .clone()
         .unwrap_or_else(|| format!("file://{}", ctx.data_dir.join("archive").display()));
     let (store, engine) = local_archive(&url, &S3Settings::default()).await?;
-    let done: Imported = import(&bundle, store.as_ref(), &engine).await?;
+    let done: Imported = import(&bundle, store.as_ref(), &engine, false).await?;
     let mut out = std::io::stdout().lock();
     match ctx.output {
         Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&done)?)?,
@@ -544,6 +563,6 @@ pub async fn bundle_engine(
     let dir = tempfile::tempdir().context("no temporary directory for the bundle")?;
     let url = dir.path().display().to_string();
     let (store, engine) = local_archive(&url, &S3Settings::default()).await?;
-    import(&bundle, store.as_ref(), &engine).await?;
+    import(&bundle, store.as_ref(), &engine, true).await?;
     Ok((dir, engine))
 }
