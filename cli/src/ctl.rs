@@ -317,6 +317,27 @@ async fn connect(ctx: &Ctx) -> Control {
     }
 }
 
+/// A gRPC channel to `--server`, or, when none can be made, the HTTP API's base URL
+/// (the fallback announced on stderr, naming `service`).
+async fn channel_or_http(ctx: &Ctx, service: &str) -> Result<Channel, String> {
+    let addr = ctx.grpc_addr();
+    let channel = match Endpoint::from_shared(addr.clone()) {
+        Ok(ep) => ep
+            .connect_timeout(Duration::from_secs(3))
+            .connect()
+            .await
+            .ok(),
+        Err(_) => None,
+    };
+    channel.ok_or_else(|| {
+        let http = ctx.http_url();
+        eprintln!(
+            "cloudtapctl: gRPC {service} at {addr} unreachable; falling back to the HTTP API at {http}"
+        );
+        http
+    })
+}
+
 fn status_error(s: tonic::Status) -> CallError {
     let code = s
         .metadata()

@@ -16,7 +16,6 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use futures::Stream;
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use uuid::Uuid;
@@ -405,21 +404,6 @@ impl ExportService for Exporter {
     }
 }
 
-/// `POST /v1/exports` body.
-#[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ExportBody {
-    #[serde(default)]
-    pub sessions: Vec<String>,
-    /// RFC 3339.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub since: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub until: Option<String>,
-    #[serde(default, rename = "where", skip_serializing_if = "Option::is_none")]
-    pub predicate: Option<String>,
-}
-
 fn http_error(status: StatusCode, code: &str, error: String) -> Response {
     (
         status,
@@ -453,7 +437,7 @@ async fn http_export(
     let auth = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let req: ExportBody = match serde_json::from_slice(&body) {
+    let req: Selection = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
             return http_error(

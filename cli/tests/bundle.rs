@@ -38,16 +38,7 @@ fn recorded() -> Recorded {
     let (v1, v2) = (upstream(1), upstream(2));
     let cfg = config(data.path(), &v1.addr, &v2.addr);
     let daemon = Daemon::start("all", data.path(), &["--config", cfg.to_str().unwrap()]);
-    let all: Vec<String> = (1..=40)
-        .map(|n| get(&format!("/items/{n}")))
-        .chain((1..=9).map(|p| get(&format!("/items?page={p}&sort=price"))))
-        .chain([get("/healthz")])
-        .collect();
-    let session = record(data.path(), "v1", |local| {
-        for chunk in all.chunks(10) {
-            requests(local, chunk);
-        }
-    });
+    let session = record_fifty_gets(data.path(), "v1");
     wait_rows(
         data.path(),
         &format!(

@@ -77,17 +77,7 @@ fn a_replay_against_a_changed_version_names_exactly_what_changed() {
     );
     let _d = Daemon::start("all", data.path(), &["--config", cfg.to_str().unwrap()]);
 
-    // 50 mixed GETs: items, listings with queries, a health check; on 5 connections.
-    let all: Vec<String> = (1..=40)
-        .map(|n| get(&format!("/items/{n}")))
-        .chain((1..=9).map(|p| get(&format!("/items?page={p}&sort=price"))))
-        .chain([get("/healthz")])
-        .collect();
-    let source = record(data.path(), "v1", |local| {
-        for chunk in all.chunks(10) {
-            requests(local, chunk);
-        }
-    });
+    let source = record_fifty_gets(data.path(), "v1");
     let sql = format!("SELECT path FROM http_exchanges WHERE session_id = '{source}'");
     wait_rows(data.path(), &sql, 50);
 

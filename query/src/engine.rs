@@ -210,18 +210,23 @@ impl QueryEngine {
         &self.settings
     }
 
-    /// The committed markers now: listed afresh, read only when new.
-    async fn markers(&self) -> Result<Vec<Arc<Marker>>, QueryError> {
+    /// The markers under `prefix` now, listed afresh and read only when new (`cache`
+    /// holds those read; a marker never changes once written). `parse` turns one into
+    /// a marker, or leaves it out (`None`).
+    async fn cached_markers(
+        &self,
+        prefix: &str,
+        cache: &Mutex<BTreeMap<String, Arc<Marker>>>,
+        parse: impl Fn(&str, &[u8]) -> Result<Option<Marker>, QueryError>,
+    ) -> Result<Vec<Arc<Marker>>, QueryError> {
         let listed = self
             .archive
-            .list("_ranges/")
+            .list(prefix)
             .await
             .map_err(|e| QueryError::Archive(e.to_string()))?;
-        let mut out = Vec::with_capacity(listed.len());
         let mut fresh = BTreeMap::new();
         for m in listed.iter().filter(|m| m.key.ends_with(".json")) {
-            let known = self
-                .markers
+            let known = cache
                 .lock()
                 .expect("marker cache poisoned")
                 .get(&m.key)
@@ -235,64 +240,48 @@ impl QueryEngine {
                         .await
                         .map_err(|e| QueryError::Archive(e.to_string()))?
                     else {
-                        // Removed by retention since the listing: its files go too.
+                        // Removed since the listing (retention): its files go too.
                         continue;
                     };
-                    let parsed: Marker = serde_json::from_slice(&bytes).map_err(|e| {
-                        QueryError::Archive(format!("commit marker {} is unreadable: {e}", m.key))
-                    })?;
-                    Arc::new(parsed)
-                }
-            };
-            fresh.insert(m.key.clone(), marker.clone());
-            out.push(marker);
-        }
-        *self.markers.lock().expect("marker cache poisoned") = fresh;
-        Ok(out)
-    }
-
-    /// The imported bundles now (`_imports/`), as markers of their files: listed afresh,
-    /// read only when new. One that does not parse is left out with a warning, so a
-    /// damaged import never stops the store's own queries.
-    async fn imports(&self) -> Result<Vec<Marker>, QueryError> {
-        let listed = self
-            .archive
-            .list(IMPORTS_PREFIX)
-            .await
-            .map_err(|e| QueryError::Archive(e.to_string()))?;
-        let mut fresh = BTreeMap::new();
-        for m in listed.iter().filter(|m| m.key.ends_with(".json")) {
-            let known = self
-                .imports
-                .lock()
-                .expect("import cache poisoned")
-                .get(&m.key)
-                .cloned();
-            let marker = match known {
-                Some(k) => k,
-                None => {
-                    let Some(bytes) = self
-                        .archive
-                        .get(&m.key)
-                        .await
-                        .map_err(|e| QueryError::Archive(e.to_string()))?
-                    else {
-                        continue;
-                    };
-                    match serde_json::from_slice::<ImportMarker>(&bytes) {
-                        Ok(i) => Arc::new(i.as_marker()),
-                        Err(e) => {
-                            tracing::warn!(key = %m.key, error = %e, "an unreadable import marker is left out of queries");
-                            continue;
-                        }
+                    match parse(&m.key, &bytes)? {
+                        Some(parsed) => Arc::new(parsed),
+                        None => continue,
                     }
                 }
             };
             fresh.insert(m.key.clone(), marker);
         }
-        let out = fresh.values().map(|m| (**m).clone()).collect();
-        *self.imports.lock().expect("import cache poisoned") = fresh;
+        let out = fresh.values().cloned().collect();
+        *cache.lock().expect("marker cache poisoned") = fresh;
         Ok(out)
+    }
+
+    /// The committed range markers now.
+    async fn markers(&self) -> Result<Vec<Arc<Marker>>, QueryError> {
+        self.cached_markers("_ranges/", &self.markers, |key, bytes| {
+            serde_json::from_slice(bytes)
+                .map(Some)
+                .map_err(|e| QueryError::Archive(format!("commit marker {key} is unreadable: {e}")))
+        })
+        .await
+    }
+
+    /// The imported bundles now (`_imports/`), as markers of their files. One that does
+    /// not parse is left out with a warning, so a damaged import never stops the
+    /// store's own queries.
+    async fn imports(&self) -> Result<Vec<Marker>, QueryError> {
+        let imports = self
+            .cached_markers(IMPORTS_PREFIX, &self.imports, |key, bytes| {
+                match serde_json::from_slice::<ImportMarker>(bytes) {
+                    Ok(i) => Ok(Some(i.as_marker())),
+                    Err(e) => {
+                        tracing::warn!(%key, error = %e, "an unreadable import marker is left out of queries");
+                        Ok(None)
+                    }
+                }
+            })
+            .await?;
+        Ok(imports.iter().map(|m| (**m).clone()).collect())
     }
 
     /// A context whose tables are this snapshot, as `reader` may see them.

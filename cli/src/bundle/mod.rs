@@ -59,8 +59,10 @@ pub fn table_member(table: &str) -> String {
     format!("tables/{table}.parquet")
 }
 
-/// What the exporter asked for, as the manifest repeats it.
+/// What the exporter asked for, as the manifest repeats it; also the body of
+/// `POST /v1/exports` (times in RFC 3339).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Selection {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sessions: Vec<String>,

@@ -13,7 +13,6 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use http_body_util::BodyExt;
-use tonic::transport::Endpoint;
 
 use cloudtap_edge::token::VerifyingKey;
 use cloudtap_proto::query::v1 as qpb;
@@ -177,21 +176,9 @@ async fn export_once(
     req: &qpb::ExportRequest,
     file: &Path,
 ) -> Result<CtlResult<(u64, usize)>, CallError> {
-    let addr = ctx.grpc_addr();
-    let channel = match Endpoint::from_shared(addr.clone()) {
-        Ok(ep) => ep
-            .connect_timeout(Duration::from_secs(3))
-            .connect()
-            .await
-            .ok(),
-        Err(_) => None,
-    };
-    let Some(channel) = channel else {
-        let http = ctx.http_url();
-        eprintln!(
-            "cloudtapctl: gRPC export service at {addr} unreachable; falling back to the HTTP API at {http}"
-        );
-        return export_http(&http, token, req, file).await;
+    let channel = match super::channel_or_http(ctx, "export service").await {
+        Ok(c) => c,
+        Err(http) => return export_http(&http, token, req, file).await,
     };
     let mut client = ExportServiceClient::new(channel);
     let mut stream = client
@@ -236,7 +223,7 @@ async fn export_http(
             humantime::format_rfc3339_nanos(t).to_string()
         })
     };
-    let body = crate::export_role::ExportBody {
+    let body = crate::bundle::Selection {
         sessions: req.sessions.clone(),
         since: time(req.since_unix_nanos),
         until: time(req.until_unix_nanos),

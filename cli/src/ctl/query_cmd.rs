@@ -11,7 +11,6 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use arrow::ipc::reader::StreamReader;
 use clap::Subcommand;
-use tonic::transport::Endpoint;
 
 use cloudtap_proto::query::v1 as qpb;
 use qpb::query_service_client::QueryServiceClient;
@@ -57,21 +56,9 @@ fn query_error(e: CallError) -> anyhow::Error {
 
 /// Runs `sql` over gRPC, or over HTTP when no gRPC connection can be made.
 async fn run_once(ctx: &Ctx, token: &str, sql: &str, max_rows: u64) -> Result<Answer, CallError> {
-    let addr = ctx.grpc_addr();
-    let channel = match Endpoint::from_shared(addr.clone()) {
-        Ok(ep) => ep
-            .connect_timeout(Duration::from_secs(3))
-            .connect()
-            .await
-            .ok(),
-        Err(_) => None,
-    };
-    let Some(channel) = channel else {
-        let http = ctx.http_url();
-        eprintln!(
-            "cloudtapctl: gRPC query service at {addr} unreachable; falling back to the HTTP API at {http}"
-        );
-        return run_http(&http, token, sql, max_rows).await;
+    let channel = match super::channel_or_http(ctx, "query service").await {
+        Ok(c) => c,
+        Err(http) => return run_http(&http, token, sql, max_rows).await,
     };
     let mut client = QueryServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
     let req = qpb::ExecuteRequest {

@@ -200,3 +200,18 @@ pub fn v2_differences() -> Vec<(String, String, String, String)> {
         ),
     ]
 }
+
+/// Records the replay issue's session through `target`: 50 mixed GETs (items, listings
+/// with queries, a health check) on 5 connections. Returns the session id.
+pub fn record_fifty_gets(data: &std::path::Path, target: &str) -> String {
+    let all: Vec<String> = (1..=40)
+        .map(|n| get(&format!("/items/{n}")))
+        .chain((1..=9).map(|p| get(&format!("/items?page={p}&sort=price"))))
+        .chain([get("/healthz")])
+        .collect();
+    record(data, target, |local| {
+        for chunk in all.chunks(10) {
+            requests(local, chunk);
+        }
+    })
+}
