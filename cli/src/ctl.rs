@@ -226,6 +226,14 @@ impl Ctx {
         }
     }
 
+    /// Removes the temporary copy `--from-bundle` made, if any (before `exit`, which
+    /// runs no destructors).
+    fn remove_bundle_copy(&self) {
+        if let Some((dir, _)) = self.bundle.get() {
+            let _ = std::fs::remove_dir_all(dir.path());
+        }
+    }
+
     fn grpc_addr(&self) -> String {
         let raw = self
             .g

@@ -36,6 +36,7 @@ pub const HTTP_ROUTES: &[(&str, &str)] = &[("POST", "/v1/exports")];
 
 /// Sessions one export may hold at most.
 pub const MAX_SESSIONS: usize = 1000;
+const TOO_LARGE: &str = "the bundle is too large";
 /// Bytes per streamed piece.
 const CHUNK: usize = 256 * 1024;
 
@@ -129,7 +130,7 @@ impl Exporter {
             .map(|s| format!("'{}'", s.hyphenated()))
             .collect::<Vec<_>>()
             .join(", ");
-        let mut slices = Slices::default();
+        let mut statements = Vec::new();
         for table in TABLES {
             let schema = tables::schema_of(table).expect("a known table");
             let cols = schema
@@ -152,9 +153,16 @@ impl Exporter {
                 "replay_diffs" => (format!("replay_session IN ({ids})"), "chain_id, seq"),
                 _ => (format!("chain_id IN ({ids})"), "chain_id, seq"),
             };
-            let sql = format!("SELECT {cols} FROM {table} WHERE {filter} ORDER BY {order}");
-            let out = self.engine.execute_whole(reader, &sql).await?;
-            let (_, batches, _) = collect(out).await?;
+            statements.push(format!(
+                "SELECT {cols} FROM {table} WHERE {filter} ORDER BY {order}"
+            ));
+        }
+        // One snapshot for every table: a session closing meanwhile is either closed in
+        // all of them or open in all of them.
+        let answers = self.engine.collect_snapshot(reader, &statements).await?;
+        let mut slices = Slices::default();
+        for (table, batches) in TABLES.iter().zip(answers) {
+            let schema = tables::schema_of(table).expect("a known table");
             let mut exact = Vec::with_capacity(batches.len());
             for b in batches {
                 exact.push(
@@ -184,6 +192,14 @@ impl Exporter {
             let mut file = tempfile::tempfile().map_err(|e| format!("no temporary file: {e}"))?;
             let manifest =
                 bundle::write_bundle(&mut file, &slices, &key, &meta).map_err(|e| e.to_string())?;
+            let held: u64 = manifest.files.values().map(|f| f.bytes).sum();
+            if held > bundle::MAX_BUNDLE_BYTES {
+                return Err(format!(
+                    "{TOO_LARGE}: it would hold {} MiB, and readers take at most {} GiB; export fewer sessions or a shorter time",
+                    held >> 20,
+                    bundle::MAX_BUNDLE_BYTES >> 30
+                ));
+            }
             let bytes = file.stream_position().map_err(|e| e.to_string())?;
             file.rewind().map_err(|e| e.to_string())?;
             let manifest_json = serde_json::to_vec_pretty(&manifest).map_err(|e| e.to_string())?;
@@ -200,7 +216,13 @@ impl Exporter {
         })
         .await
         .map_err(|e| QueryError::Internal(format!("the bundle builder failed: {e}")))?
-        .map_err(|e| QueryError::Internal(format!("cannot build the bundle: {e}")))?;
+        .map_err(|e| {
+            if e.starts_with(TOO_LARGE) {
+                QueryError::Limit(e)
+            } else {
+                QueryError::Internal(format!("cannot build the bundle: {e}"))
+            }
+        })?;
         Ok(built)
     }
 

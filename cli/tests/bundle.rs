@@ -462,8 +462,11 @@ fn an_imported_bundle_queries_like_its_source_and_replays_with_no_server() {
 
     // With no server and no data dir: query and sessions read the bundle itself…
     let nowhere = other.path().join("no-such-dir");
+    let tmp = other.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
     let offline = |args: &[&str]| {
         run(cloudtapctl(&nowhere)
+            .env("TMPDIR", &tmp)
             .env("CLOUDTAP_SERVER", "127.0.0.1:1")
             .env("CLOUDTAP_HTTP_URL", "http://127.0.0.1:1")
             .args(args))
@@ -504,6 +507,9 @@ fn an_imported_bundle_queries_like_its_source_and_replays_with_no_server() {
     assert_eq!(differences(&report), v2_differences(), "{report}");
     assert!(err.contains("findings are not recorded"), "{err}");
     assert!(!nowhere.exists(), "nothing was written to the data dir");
+    // The bundle's throw-away copy is gone, also after an exit 1.
+    let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
     drop(r.daemon);
 }
 

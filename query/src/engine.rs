@@ -273,6 +273,10 @@ impl QueryEngine {
         let imports = self
             .cached_markers(IMPORTS_PREFIX, &self.imports, |key, bytes| {
                 match serde_json::from_slice::<ImportMarker>(bytes) {
+                    Ok(i) if i.format > ImportMarker::FORMAT => {
+                        tracing::warn!(%key, format = i.format, "an import marker of a newer format is left out of queries");
+                        Ok(None)
+                    }
                     Ok(i) => Ok(Some(i.as_marker())),
                     Err(e) => {
                         tracing::warn!(%key, error = %e, "an unreadable import marker is left out of queries");
@@ -461,6 +465,32 @@ impl QueryEngine {
         sql: &str,
     ) -> Result<QueryOutput, QueryError> {
         self.execute_limited(reader, sql, u64::MAX).await
+    }
+
+    /// Runs statements the service builds itself (not a user's SQL) on one snapshot —
+    /// one context, so one read of the markers and the log tail — and collects each
+    /// answer whole. For exports, whose tables must agree with each other. The deadline
+    /// covers them all; the memory limit holds while each is computed.
+    pub async fn collect_snapshot(
+        &self,
+        reader: &Reader,
+        statements: &[String],
+    ) -> Result<Vec<Vec<RecordBatch>>, QueryError> {
+        let work = async {
+            let ctx = self.context(reader).await?;
+            let mut out = Vec::with_capacity(statements.len());
+            for sql in statements {
+                let df = ctx
+                    .sql(sql)
+                    .await
+                    .map_err(|e| QueryError::from_planning(e, sql))?;
+                out.push(df.collect().await.map_err(QueryError::from_execution)?);
+            }
+            Ok(out)
+        };
+        tokio::time::timeout(self.settings.timeout, work)
+            .await
+            .map_err(|_| QueryError::Timeout(self.settings.timeout))?
     }
 
     async fn execute_limited(

@@ -317,6 +317,9 @@ pub struct ImportMarker {
 }
 
 impl ImportMarker {
+    /// The format this build writes and reads.
+    pub const FORMAT: u32 = 1;
+
     /// The column that names a row's chain in `table` (for `sessions` and `streams`, the
     /// session's): imports are kept apart from the store's own rows by it.
     pub fn chain_column(table: &str) -> &'static str {

@@ -212,7 +212,7 @@ pub async fn import(
     }
     done.files = files.len();
     let marker = ImportMarker {
-        format: 1,
+        format: ImportMarker::FORMAT,
         manifest_sha256: manifest_sha,
         sessions: done.sessions.clone(),
         files,

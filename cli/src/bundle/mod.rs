@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::time::{Duration, SystemTime};
 
-use arrow::array::{BooleanArray, RecordBatch, StringArray, UInt64Array};
+use arrow::array::{BooleanArray, RecordBatch, StringArray, TimestampNanosecondArray, UInt64Array};
 use arrow::compute::filter_record_batch;
 use arrow::datatypes::SchemaRef;
 use bytes::Bytes;
@@ -366,7 +366,6 @@ fn manifest_of(
     #[derive(Default)]
     struct Chain {
         opened: Option<(i64, String, String, String)>,
-        closed: Option<i64>,
         records: u64,
         last: Option<(u64, [u8; 32])>,
         capture: BTreeSet<String>,
@@ -386,12 +385,32 @@ fn manifest_of(
                     o.replay_of.clone(),
                 ))
             }
-            Body::SessionClosed(_) => c.closed = Some(r.ts_unix_nanos),
             Body::HttpExchange(x) => {
                 c.capture.insert(x.capture.clone());
                 c.redaction.insert(x.redaction_version);
             }
             _ => {}
+        }
+    }
+    // Closed exactly when its `sessions` row is here (a session closed by the recorder
+    // for a lost edge has no close record in its chain).
+    let mut closed_rows: BTreeMap<String, i64> = BTreeMap::new();
+    for b in slices
+        .tables
+        .get("sessions")
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        let ids = b
+            .column_by_name("session_id")
+            .and_then(|c| c.as_any().downcast_ref::<StringArray>());
+        let at = b
+            .column_by_name("closed_at")
+            .and_then(|c| c.as_any().downcast_ref::<TimestampNanosecondArray>());
+        if let (Some(ids), Some(at)) = (ids, at) {
+            for i in 0..b.num_rows() {
+                closed_rows.insert(ids.value(i).to_string(), at.value(i));
+            }
         }
     }
     let (mut sessions, mut other) = (Vec::new(), Vec::new());
@@ -406,7 +425,9 @@ fn manifest_of(
                 identity,
                 target,
                 opened_at: rfc3339(at),
-                closed_at: c.closed.map(rfc3339),
+                closed_at: closed_rows
+                    .get(&id.hyphenated().to_string())
+                    .map(|t| rfc3339(*t)),
                 replay_of,
                 records: c.records,
                 last_seq,
@@ -496,6 +517,25 @@ fn readme(m: &Manifest) -> String {
     s
 }
 
+/// A reader that fails once more than `left` bytes came through.
+struct Capped<R> {
+    inner: R,
+    left: u64,
+}
+
+impl<R: Read> Read for Capped<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.left = self.left.checked_sub(n as u64).ok_or_else(|| {
+            std::io::Error::other(format!(
+                "it holds more than {} GiB uncompressed, more than this build reads",
+                MAX_BUNDLE_BYTES >> 30
+            ))
+        })?;
+        Ok(n)
+    }
+}
+
 /// A bundle read back: its members by name.
 #[derive(Debug)]
 pub struct Bundle {
@@ -556,7 +596,11 @@ impl Bundle {
         }
         let dec = zstd::stream::read::Decoder::new(std::io::Cursor::new(magic).chain(src))
             .map_err(|e| corrupt(e.to_string()))?;
-        let mut tar = tar::Archive::new(dec);
+        // Capped below tar, whose own headers (long names, PAX) are read whole too.
+        let mut tar = tar::Archive::new(Capped {
+            inner: dec,
+            left: MAX_BUNDLE_BYTES + (1 << 20),
+        });
         let mut members = BTreeMap::new();
         let mut total = 0u64;
         let entries = tar.entries().map_err(|e| corrupt(e.to_string()))?;
@@ -577,7 +621,7 @@ impl Bundle {
             total = total.saturating_add(size);
             if total > MAX_BUNDLE_BYTES {
                 return Err(BundleError::Corrupt(format!(
-                    "{name} holds more than {} GiB uncompressed, more than this build reads",
+                    "{name} holds more than {} GiB uncompressed, more than this build reads; ask for a bundle of fewer sessions",
                     MAX_BUNDLE_BYTES >> 30
                 )));
             }

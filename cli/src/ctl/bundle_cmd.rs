@@ -119,8 +119,12 @@ impl Part {
         let mut name = target.as_os_str().to_owned();
         name.push(format!(".{}.part", std::process::id()));
         let path = PathBuf::from(name);
-        let file = std::fs::File::create_new(&path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
+        let file = std::fs::File::create_new(&path).with_context(|| {
+            format!(
+                "cannot create {} (left by an export that was killed? remove it)",
+                path.display()
+            )
+        })?;
         Ok(Part {
             path,
             file,
@@ -206,7 +210,13 @@ async fn export_once(
             return Ok(Err(e));
         }
     }
-    let sessions = sessions.unwrap_or(0);
+    let Some(sessions) = sessions else {
+        return Err(CallError {
+            code: "error".into(),
+            message: "the export service ended its answer without sending anything; try again"
+                .into(),
+        });
+    };
     Ok(part.finish(file).map(|n| (n, sessions)))
 }
 

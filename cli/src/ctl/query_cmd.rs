@@ -172,8 +172,15 @@ async fn with_spinner<T>(fut: impl std::future::Future<Output = T>) -> T {
 
 /// Runs `sql` with the user's token, logging in once more if the cached token was
 /// refused as expired.
+/// Runs `sql` where the command reads: the bundle given with `--from-bundle`, else the
+/// query service.
 pub(super) async fn run(ctx: &Ctx, sql: &str, max_rows: u64) -> CtlResult<Answer> {
-    if let Some(file) = &ctx.from_bundle {
+    run_on(ctx, sql, max_rows, ctx.from_bundle.is_some()).await
+}
+
+/// Runs `sql` on the bundle (`bundle`: `--from-bundle` must be set) or the query service.
+pub(super) async fn run_on(ctx: &Ctx, sql: &str, max_rows: u64, bundle: bool) -> CtlResult<Answer> {
+    if let Some(file) = ctx.from_bundle.as_ref().filter(|_| bundle) {
         // No server: the bundle, loaded once per command into a throw-away archive.
         let (_, engine) = ctx
             .bundle

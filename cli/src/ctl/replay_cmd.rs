@@ -17,7 +17,7 @@ use cloudtap_proto::tunnel::v1 as pb;
 use cloudtap_replay::Progress;
 use cloudtap_schemas::Record;
 
-use super::query_cmd::{run as run_sql, session_id};
+use super::query_cmd::{run_on, session_id};
 use super::{Control, CtlResult, Ctx, Output, connect, with_token};
 use crate::replay_run::{self, Ask, Edge, Via};
 
@@ -73,11 +73,11 @@ pub struct ReplayArgs {
 
 /// The session's records, read through the query service as the user: all of them
 /// (`frames` too), or only events and exchanges.
-async fn fetch(ctx: &Ctx, id: &str, frames: bool) -> CtlResult<Vec<Record>> {
+async fn fetch(ctx: &Ctx, id: &str, frames: bool, bundle: bool) -> CtlResult<Vec<Record>> {
     let mut records = Vec::new();
     let sql = replay_run::fetch_sql(id);
     for sql in &sql[..if frames { 3 } else { 2 }] {
-        let answer = run_sql(ctx, sql, u64::MAX).await?;
+        let answer = run_on(ctx, sql, u64::MAX, bundle).await?;
         records.extend(replay_run::records_of(
             id,
             &answer.batches,
@@ -140,7 +140,9 @@ impl Edge for UserEdge<'_> {
     }
 
     async fn session_records(&self, session: &str) -> anyhow::Result<Vec<Record>> {
-        fetch(self.ctx, session, false).await
+        // The replay's own session is on the server, even when the source came from a
+        // bundle.
+        fetch(self.ctx, session, false, false).await
     }
 }
 
@@ -187,7 +189,7 @@ pub async fn replay(ctx: &Ctx, a: ReplayArgs) -> CtlResult<()> {
     if a.direct.is_some() && ask.target.is_some() {
         anyhow::bail!("--target and --direct exclude each other: --direct names where to send");
     }
-    let records = fetch(ctx, &id, true).await?;
+    let records = fetch(ctx, &id, true, ctx.from_bundle.is_some()).await?;
     let progress: Option<Arc<dyn Progress>> =
         std::io::stderr().is_terminal().then(|| Arc::new(Bar) as _);
     let announce = |line: String| eprintln!("cloudtapctl: {line}");
@@ -219,6 +221,8 @@ pub async fn replay(ctx: &Ctx, a: ReplayArgs) -> CtlResult<()> {
     }
     out.flush()?;
     if report.differences().next().is_some() {
+        // exit() runs no destructors: remove the bundle's throw-away copy first.
+        ctx.remove_bundle_copy();
         std::process::exit(1);
     }
     Ok(())
