@@ -102,7 +102,7 @@ impl Exporter {
                 b.sessions.len(),
                 b.bytes,
                 b.manifest_sha256,
-                b.sessions.join(",")
+                id_list(&b.sessions)
             ),
             Err(e) => format!("refused: {}", e.code()),
         };
@@ -231,6 +231,12 @@ impl Exporter {
         let filtered = ask.since_unix_nanos != 0
             || ask.until_unix_nanos != 0
             || !ask.predicate.trim().is_empty();
+        if ask.sessions.len() > MAX_SESSIONS {
+            return Err(QueryError::Limit(format!(
+                "{} sessions asked for; one bundle holds at most {MAX_SESSIONS}: export them in parts",
+                ask.sessions.len()
+            )));
+        }
         let mut asked = Vec::new();
         let sql = if !ask.sessions.is_empty() {
             if filtered {
@@ -345,10 +351,25 @@ fn describe(ask: &ExportAsk) -> String {
     }
     format!(
         "sessions={} since={} until={} where={p:?}",
-        ask.sessions.join(","),
+        id_list(&ask.sessions),
         ask.since_unix_nanos,
         ask.until_unix_nanos
     )
+}
+
+/// Session ids for an audit record: the first 50, and how many there were in all.
+fn id_list(ids: &[String]) -> String {
+    const SHOWN: usize = 50;
+    let mut s = ids
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(",");
+    if ids.len() > SHOWN {
+        s += &format!(",… ({} in all)", ids.len());
+    }
+    s
 }
 
 /// Sends the file's pieces; the first message is the header.

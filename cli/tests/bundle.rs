@@ -449,6 +449,12 @@ fn an_imported_bundle_queries_like_its_source_and_replays_with_no_server() {
         assert_eq!(code, 0, "{out}{err}");
         assert!(out.contains(expect), "{out}");
     };
+    let (code, _, err) = run(cloudtapctl(other.path())
+        .arg("import")
+        .arg(&r.bundle)
+        .args(["--archive", "s3://bucket/prefix"]));
+    assert_eq!(code, 2);
+    assert!(err.contains("local archives only"), "{err}");
     import("imported 1 sessions");
     assert_eq!(rows(other.path(), &sql), source_events);
     assert_eq!(wait_rows(other.path(), &xsql, 50), source_exchanges);

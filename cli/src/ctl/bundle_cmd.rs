@@ -69,7 +69,8 @@ pub struct ImportArgs {
     /// As for `bundle verify`.
     #[arg(long)]
     trust: Vec<String>,
-    /// The archive to load into (default: the embedded default's, <data dir>/archive).
+    /// The archive directory to load into (default: the embedded default's,
+    /// <data dir>/archive); local directories only.
     #[arg(long)]
     archive: Option<String>,
 }
@@ -508,6 +509,14 @@ fn checked(ctx: &Ctx, file: &Path, trust: &[String], need_signature: bool) -> Ct
 }
 
 pub async fn import_cmd(ctx: &Ctx, a: ImportArgs) -> CtlResult<()> {
+    if a.archive
+        .as_deref()
+        .is_some_and(|u| u.contains("://") && !u.starts_with("file://"))
+    {
+        anyhow::bail!(
+            "--archive takes a directory (or file://DIR); this build imports into local archives only"
+        );
+    }
     let bundle = checked(ctx, &a.file, &a.trust, true)?;
     let url = a
         .archive
