@@ -12,8 +12,8 @@ use async_trait::async_trait;
 use axum::Router;
 use axum::body::Body as HttpBody;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::Response;
 use axum::routing::post;
 use futures::Stream;
 use tokio::sync::mpsc;
@@ -24,7 +24,7 @@ use cloudtap_edge::EdgeState;
 use cloudtap_edge::token::SigningKey;
 use cloudtap_proto::query::v1 as pb;
 use cloudtap_proto::query::v1::export_service_server::{ExportService, ExportServiceServer};
-use cloudtap_query::service::{HttpError, collect};
+use cloudtap_query::service::{collect, fail};
 use cloudtap_query::{QueryEngine, QueryError, Reader};
 use cloudtap_schemas::tables::{self, TABLES};
 
@@ -190,7 +190,7 @@ impl Exporter {
         };
         let built = tokio::task::spawn_blocking(move || -> Result<Built, String> {
             let mut file = tempfile::tempfile().map_err(|e| format!("no temporary file: {e}"))?;
-            let manifest =
+            let (manifest, manifest_sha256) =
                 bundle::write_bundle(&mut file, &slices, &key, &meta).map_err(|e| e.to_string())?;
             let held: u64 = manifest.files.values().map(|f| f.bytes).sum();
             if held > bundle::MAX_BUNDLE_BYTES {
@@ -202,7 +202,6 @@ impl Exporter {
             }
             let bytes = file.stream_position().map_err(|e| e.to_string())?;
             file.rewind().map_err(|e| e.to_string())?;
-            let manifest_json = serde_json::to_vec_pretty(&manifest).map_err(|e| e.to_string())?;
             Ok(Built {
                 file,
                 bytes,
@@ -211,7 +210,7 @@ impl Exporter {
                     .iter()
                     .map(|s| s.session_id.clone())
                     .collect(),
-                manifest_sha256: bundle::sha256_hex(&manifest_json),
+                manifest_sha256,
             })
         })
         .await
@@ -426,11 +425,7 @@ impl ExportService for Exporter {
         &self,
         request: tonic::Request<pb::ExportRequest>,
     ) -> Result<tonic::Response<Self::ExportStream>, tonic::Status> {
-        let auth = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let auth = cloudtap_query::service::authorization(&request);
         let r = request.into_inner();
         let ask = ExportAsk {
             sessions: r.sessions,
@@ -445,17 +440,6 @@ impl ExportService for Exporter {
             stream_file(built),
         ))))
     }
-}
-
-fn http_error(status: StatusCode, code: &str, error: String) -> Response {
-    (
-        status,
-        axum::Json(HttpError {
-            code: code.into(),
-            error,
-        }),
-    )
-        .into_response()
 }
 
 /// An RFC 3339 time in unix nanoseconds (0 when absent); the error says what to give.
@@ -483,13 +467,9 @@ async fn http_export(
     let req: Selection = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
-            return http_error(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                format!(
-                    "the body must be JSON like {{\"sessions\": [\"<id>\"]}} or {{\"since\": \"2026-11-25T10:00:00Z\", \"where\": \"target = 'orders'\"}}: {e}"
-                ),
-            );
+            return fail(&QueryError::Sql(format!(
+                "the body must be JSON like {{\"sessions\": [\"<id>\"]}} or {{\"since\": \"2026-11-25T10:00:00Z\", \"where\": \"target = 'orders'\"}}: {e}"
+            )));
         }
     };
     let (since, until) = match (
@@ -497,7 +477,7 @@ async fn http_export(
         rfc3339_nanos("until", &req.until),
     ) {
         (Ok(s), Ok(u)) => (s, u),
-        (Err(e), _) | (_, Err(e)) => return http_error(StatusCode::BAD_REQUEST, "bad_request", e),
+        (Err(e), _) | (_, Err(e)) => return fail(&QueryError::Sql(e)),
     };
     let ask = ExportAsk {
         sessions: req.sessions,
@@ -507,7 +487,7 @@ async fn http_export(
     };
     let built = match x.export(auth, "http", ask).await {
         Ok(b) => b,
-        Err(e) => return http_error(e.http_status(), e.code(), e.to_string()),
+        Err(e) => return fail(&e),
     };
     let len = built.bytes;
     let sessions = built.sessions.len();

@@ -449,11 +449,7 @@ impl rpb::replay_service_server::ReplayService for Grpc {
         &self,
         req: tonic::Request<rpb::RunRequest>,
     ) -> Result<tonic::Response<rpb::RunResponse>, tonic::Status> {
-        let auth = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let auth = cloudtap_query::service::authorization(&req);
         let r = req.into_inner();
         let body = RunBody {
             source_session: r.source_session,

@@ -28,7 +28,7 @@ use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
-use crate::service::QueryService;
+use crate::service::{QueryService, authorization};
 use crate::{QueryError, QueryOutput, Reader};
 
 /// How long a started statement waits for the `DoGet` that fetches it.
@@ -64,13 +64,6 @@ impl std::fmt::Debug for FlightSql {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FlightSql").finish_non_exhaustive()
     }
-}
-
-fn authorization<T>(req: &Request<T>) -> Option<String> {
-    req.metadata()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
 }
 
 impl FlightSql {

@@ -144,11 +144,7 @@ impl QueryServiceApi for QueryService {
         &self,
         req: tonic::Request<pb::ExecuteRequest>,
     ) -> Result<tonic::Response<ExecuteStream>, tonic::Status> {
-        let auth = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        let auth = authorization(&req);
         let req = req.into_inner();
         let started = Instant::now();
         let max_rows = (req.max_rows > 0).then_some(req.max_rows);
@@ -254,6 +250,15 @@ impl Format {
     }
 }
 
+/// The `authorization` metadata of a gRPC request (`Bearer …`), as the services'
+/// [`Access`] takes it.
+pub fn authorization<T>(req: &tonic::Request<T>) -> Option<String> {
+    req.metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
 /// Error body of the HTTP endpoint (the same shape as the control plane's).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct HttpError {
@@ -261,7 +266,8 @@ pub struct HttpError {
     pub error: String,
 }
 
-fn fail(e: &QueryError) -> Response {
+/// The HTTP answer to a refused or failed request: its status and `HttpError` body.
+pub fn fail(e: &QueryError) -> Response {
     let body = HttpError {
         code: e.code().into(),
         error: e.to_string(),

@@ -286,13 +286,14 @@ pub struct ExportMeta {
     pub created_unix_nanos: i64,
 }
 
-/// Builds, signs and writes a bundle of `slices` to `out`; returns its manifest.
+/// Builds, signs and writes a bundle of `slices` to `out`; returns its manifest and the
+/// hex SHA-256 of `manifest.json` as written.
 pub fn write_bundle(
     out: impl Write,
     slices: &Slices,
     key: &SigningKey,
     meta: &ExportMeta,
-) -> Result<Manifest, BundleError> {
+) -> Result<(Manifest, String), BundleError> {
     let records = slices.records()?;
     let mut members: Vec<(String, Vec<u8>)> = Vec::new();
     for t in TABLES {
@@ -339,7 +340,7 @@ pub fn write_bundle(
     }
     let enc = tar.into_inner()?;
     enc.finish()?.flush()?;
-    Ok(manifest)
+    Ok((manifest, sha256_hex(&manifest_bytes)))
 }
 
 /// The events table, one JSON object per line (nulls left out; hashes in hex).

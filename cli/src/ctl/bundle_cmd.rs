@@ -263,15 +263,7 @@ async fn export_http(
             .await
             .map_err(|e| unavailable(e.to_string()))?
             .to_bytes();
-        let err: cloudtap_query::service::HttpError =
-            serde_json::from_slice(&bytes).unwrap_or(cloudtap_query::service::HttpError {
-                code: "error".into(),
-                error: format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)),
-            });
-        return Err(CallError {
-            code: err.code,
-            message: err.error,
-        });
+        return Err(super::query_cmd::http_refusal(status, &bytes));
     }
     let Some(total) = resp
         .headers()

@@ -109,18 +109,24 @@ async fn run_http(base: &str, token: &str, sql: &str, max_rows: u64) -> Result<A
         message: e.to_string(),
     })?;
     if status != 200 {
-        let err: cloudtap_query::service::HttpError =
-            serde_json::from_slice(&bytes).unwrap_or(cloudtap_query::service::HttpError {
-                code: "error".into(),
-                error: format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)),
-            });
-        return Err(CallError {
-            code: err.code,
-            message: err.error,
-        });
+        return Err(http_refusal(status, &bytes));
     }
     // The HTTP answer says in a header whether it was cut; the Arrow body cannot.
     decode(&bytes, false)
+}
+
+/// A query or export service's HTTP refusal (`{"code", "error"}`), or the raw answer
+/// when it is not one.
+pub(super) fn http_refusal(status: u16, bytes: &[u8]) -> CallError {
+    let err: cloudtap_query::service::HttpError =
+        serde_json::from_slice(bytes).unwrap_or(cloudtap_query::service::HttpError {
+            code: "error".into(),
+            error: format!("HTTP {status}: {}", String::from_utf8_lossy(bytes)),
+        });
+    CallError {
+        code: err.code,
+        message: err.error,
+    }
 }
 
 fn decode(ipc: &[u8], truncated: bool) -> Result<Answer, CallError> {
